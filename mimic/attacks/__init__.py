@@ -1,0 +1,1 @@
+"""Backdoor attacks on pre-trained encoders, used to make test teachers (BadEncoder)."""

@@ -1,0 +1,296 @@
+"""The ``mimic`` command line.
+
+User errors (bad files, bad data, bad params, diverged training) print one line on stderr and
+exit with status 2; an interrupted run exits 130 and resumes when the same command runs again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from mimic.errors import MimicError
+
+log = logging.getLogger("mimic")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parameters")
+    g.add_argument("--params", metavar="FILE", help="params.yaml to read (default: the built-in defaults)")
+    g.add_argument("--profile", metavar="NAME", help="a named profile of params.yaml (e.g. tiny, gpu)")
+    g.add_argument("--set", dest="sets", action="append", default=[], metavar="STAGE.KEY=VALUE", help="override one parameter (repeatable)")
+    g.add_argument("--device", help="auto | cpu | cuda[:N] (overrides the 'device' param)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or info lines")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _data_arg(p: argparse.ArgumentParser, required: bool = False, help_: str = "dataset: synthetic, PATH.npz, an image folder, torchvision:NAME:ROOT") -> None:
+    p.add_argument("--data", required=required, metavar="SRC", help=help_)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mimic", description="Audit self-supervised image encoders for backdoors and sanitize them with MIMIC.")
+    from mimic import __version__
+
+    parser.add_argument("--version", action="version", version=f"mimic {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="clean encoder -> BadEncoder teacher -> MIMIC student, with a CA/ASR table")
+    _data_arg(p, help_="dataset (default: the built-in synthetic set); a real dataset selects the demo-data profile")
+    p.add_argument("--out", default="runs/demo", metavar="DIR", help="output directory (default: runs/demo)")
+    _common(p)
+
+    p = sub.add_parser("audit", help="sanitize a teacher: MI -> distillation -> evaluation")
+    p.add_argument("--teacher", required=True, metavar="PATH", help="the encoder checkpoint to audit")
+    _data_arg(p, required=True, help_="clean images for distillation (synthetic, PATH.npz, folder, torchvision:NAME:ROOT)")
+    p.add_argument("--eval-data", metavar="SRC", help="labelled downstream data for CA/ASR (default: --data)")
+    p.add_argument("--trigger", metavar="NPZ", help="trigger file (BadEncoder layout) to measure ASR with")
+    p.add_argument("--target-class", type=int, metavar="K", help="the attack's target class, to measure ASR")
+    p.add_argument("--out", metavar="DIR", help="output directory (default: runs/audit-<fingerprint>)")
+    _common(p)
+
+    p = sub.add_parser("pretrain", help="SimCLR pre-training of a clean encoder")
+    _data_arg(p)
+    p.add_argument("--out", required=True, metavar="PATH", help="where to write the encoder (.pt or .safetensors)")
+    p.add_argument("--work", metavar="DIR", help="checkpoint directory (default: next to --out)")
+    _common(p)
+
+    p = sub.add_parser("attack", help="make backdoored encoders (for tests and demos)")
+    asub = p.add_subparsers(dest="attack", required=True, metavar="ATTACK")
+    b = asub.add_parser("badencoder", help="BadEncoder: trigger -> reference alignment")
+    b.add_argument("--clean", required=True, metavar="PATH", help="the clean encoder to backdoor")
+    _data_arg(b)
+    b.add_argument("--out", required=True, metavar="PATH", help="where to write the backdoored encoder")
+    b.add_argument("--trigger-out", metavar="NPZ", help="also write the trigger in BadEncoder's NPZ layout")
+    b.add_argument("--work", metavar="DIR", help="checkpoint directory (default: next to --out)")
+    _common(b)
+
+    p = sub.add_parser("fingerprint", help="content fingerprint of an encoder checkpoint")
+    p.add_argument("path", metavar="PATH")
+    _common(p)
+
+    p = sub.add_parser("mi", help="per-stage mutual information and MIMIC weights")
+    p.add_argument("--teacher", required=True, metavar="PATH")
+    _data_arg(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="writes mi.json and mi.png here")
+    _common(p)
+
+    p = sub.add_parser("distill", help="MIMIC distillation into an empty student")
+    p.add_argument("--teacher", required=True, metavar="PATH")
+    _data_arg(p)
+    p.add_argument("--mi", metavar="JSON", help="mi.json from `mimic mi` (default: run the MI stage first)")
+    p.add_argument("--out", required=True, metavar="DIR", help="writes student.pt, losses.json, losses.png here")
+    _common(p)
+
+    p = sub.add_parser("evaluate", help="CA / ASR of encoders with the same downstream probe")
+    p.add_argument("--encoder", action="append", required=True, metavar="[NAME=]PATH", help="an encoder to evaluate (repeatable)")
+    _data_arg(p)
+    p.add_argument("--trigger", metavar="NPZ|PT", help="trigger NPZ, or a teacher checkpoint that carries its trigger")
+    p.add_argument("--target-class", type=int, metavar="K")
+    _common(p)
+    return parser
+
+
+def _config(args: argparse.Namespace, extra: dict | None = None, default_profile: str | None = None):
+    from mimic.config import load_config
+
+    sets = list(args.sets)
+    if getattr(args, "device", None):
+        sets.append(f"device={args.device}")
+    if getattr(args, "data", None):
+        extra = {**(extra or {}), "data": {"source": args.data}}
+    return load_config(args.params, args.profile or default_profile, sets, extra)
+
+
+def _emit(args: argparse.Namespace, result: dict) -> None:
+    if args.json:
+        from mimic.pipeline import write_json
+
+        write_json(args.json, result)
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def _table(res: dict) -> str:
+    rows = [("encoder", "CA %", "ASR %")]
+    for who in ("clean", "teacher", "student"):
+        if f"{who}_ca" in res:
+            rows.append((who, _fmt(res[f"{who}_ca"]), _fmt(res.get(f"{who}_asr"))))
+    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r)) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    weights = ", ".join(f"{k} {v:.0f} (MI {res['mi'][k]:.3f})" for k, v in res["weights"].items())
+    lines.append(f"MI weights ({res.get('mi_network', 'teacher')}): {weights}")
+    lines.append(f"probe: {res['probe']}, target class {res.get('target_class')}, {res['seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+def cmd_demo(args: argparse.Namespace) -> dict:
+    from mimic.pipeline import demo
+
+    real = args.data is not None and args.data != "synthetic"
+    cfg = _config(args, default_profile="demo-data" if real else None)
+    res = demo(cfg, Path(args.out), progress=not args.quiet)
+    print(_table(res))
+    return res
+
+
+def cmd_audit(args: argparse.Namespace) -> dict:
+    from mimic.checkpoints import load_encoder
+    from mimic.fingerprint import fingerprint_encoder
+    from mimic.pipeline import audit
+
+    cfg = _config(args)
+    out = args.out
+    if out is None:
+        out = f"runs/audit-{fingerprint_encoder(load_encoder(args.teacher).encoder)[:12]}"
+    res = audit(cfg, args.teacher, args.data, Path(out), eval_source=args.eval_data, trigger_path=args.trigger,
+                target=args.target_class, progress=not args.quiet)
+    print(_table(res))
+    print(f"sanitized student: {res['student']['path']}")
+    return res
+
+
+def cmd_pretrain(args: argparse.Namespace) -> dict:
+    from mimic.pipeline import stage_pretrain
+
+    cfg = _config(args)
+    out = Path(args.out)
+    res = stage_pretrain(cfg, out, Path(args.work or out.parent / f".{out.name}.work"), progress=not args.quiet)
+    print(f"clean encoder: {res['path']} ({res['fingerprint'][:12]})")
+    return res
+
+
+def cmd_attack(args: argparse.Namespace) -> dict:
+    from mimic.checkpoints import load_encoder
+    from mimic.pipeline import attack_info, stage_attack
+
+    cfg = _config(args)
+    out = Path(args.out)
+    res = stage_attack(cfg, Path(args.clean), out, Path(args.work or out.parent / f".{out.name}.work"), progress=not args.quiet)
+    if args.trigger_out:
+        trigger, _ = attack_info(load_encoder(out))
+        assert trigger is not None
+        trigger.save_npz(args.trigger_out)
+    print(f"backdoored encoder: {res['path']} ({res['fingerprint'][:12]}), target class {cfg.attack.target_class}")
+    return res
+
+
+def cmd_fingerprint(args: argparse.Namespace) -> dict:
+    from mimic.checkpoints import load_encoder
+    from mimic.fingerprint import fingerprint_encoder
+
+    loaded = load_encoder(args.path)
+    fp = fingerprint_encoder(loaded.encoder)
+    print(fp)
+    return {"path": args.path, "fingerprint": fp, "arch": loaded.spec.name, "layout": loaded.layout, "ignored": list(loaded.ignored)}
+
+
+def cmd_mi(args: argparse.Namespace) -> dict:
+    from mimic.checkpoints import load_encoder
+    from mimic.pipeline import clean_subset, load_data, stage_mi
+
+    cfg = _config(args)
+    ds = load_data(cfg)
+    res = stage_mi(cfg, load_encoder(args.teacher), clean_subset(cfg, ds), Path(args.out), data_version=ds.version)
+    for s in res["stages"]:
+        print(f"{s}: MI {res['mi'][s]:.4f}  weight {res['weights'][s]:.1f}")
+    return res
+
+
+def cmd_distill(args: argparse.Namespace) -> dict:
+    from mimic.checkpoints import load_encoder
+    from mimic.errors import ConfigError
+    from mimic.pipeline import clean_subset, load_data, stage_distill, stage_mi
+
+    cfg = _config(args)
+    ds = load_data(cfg)
+    teacher = load_encoder(args.teacher)
+    clean = clean_subset(cfg, ds)
+    out = Path(args.out)
+    if args.mi:
+        try:
+            mi = json.loads(Path(args.mi).read_text())
+            weights = [float(mi["weights"][s]) for s in mi["stages"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{args.mi}: not an mi.json written by `mimic mi` ({type(exc).__name__})") from None
+    else:
+        mi = stage_mi(cfg, teacher, clean, out, data_version=ds.version)
+        weights = [mi["weights"][s] for s in mi["stages"]]
+    res = stage_distill(cfg, teacher, clean, weights, out, out / "work", data_version=ds.version, progress=not args.quiet)
+    print(f"student: {res['path']} ({res['fingerprint'][:12]})")
+    return res
+
+
+def cmd_evaluate(args: argparse.Namespace) -> dict:
+    from mimic.checkpoints import load_encoder
+    from mimic.pipeline import attack_info, load_data, stage_evaluate
+    from mimic.triggers import Trigger
+
+    cfg = _config(args)
+    encoders = {}
+    for item in args.encoder:
+        name, _, path = item.rpartition("=")
+        encoders[name or Path(path).stem] = load_encoder(path)
+    trigger, target = None, args.target_class
+    if args.trigger:
+        if args.trigger.endswith(".npz"):
+            trigger = Trigger.load_npz(args.trigger)
+        else:
+            trigger, target = attack_info(load_encoder(args.trigger), None, target)
+    if trigger is None or target is None:
+        trigger, target = None, None
+    res = stage_evaluate(cfg, encoders, load_data(cfg), trigger, target)
+    for name, probes in res.items():
+        for probe, r in probes.items():
+            print(f"{name:>12} {probe:>6}: CA {_fmt(r['ca'])}%  ASR {_fmt(r['asr'])}%")
+    return {"encoders": res, "target_class": target}
+
+
+COMMANDS = {
+    "demo": cmd_demo,
+    "audit": cmd_audit,
+    "pretrain": cmd_pretrain,
+    "attack": cmd_attack,
+    "fingerprint": cmd_fingerprint,
+    "mi": cmd_mi,
+    "distill": cmd_distill,
+    "evaluate": cmd_evaluate,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="mimic: %(message)s", stream=sys.stderr)
+    t0 = time.perf_counter()
+    try:
+        result = COMMANDS[args.command](args)
+        if isinstance(result, dict):
+            result.setdefault("seconds", round(time.perf_counter() - t0, 2))
+            _emit(args, result)
+        return 0
+    except MimicError as exc:
+        if args.debug:
+            raise
+        msg = " ".join(str(exc).split())
+        print(f"mimic: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mimic: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        if args.debug:
+            raise
+        print(f"mimic: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""Frozen, validated configuration loaded from ``params.yaml`` (+ profile + ``stage.key=value`` sets).
+
+``mimic/params.yaml`` is the single source of defaults. A run's configuration is built once,
+validated, and never mutated afterwards; ``Config.to_dict()`` is what gets logged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mimic.errors import ConfigError
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str
+    synthetic_train: int
+    synthetic_test: int
+    clean_size: int
+
+    def __post_init__(self) -> None:
+        _check(self.synthetic_train >= 10 and self.synthetic_test >= 10, "data.synthetic_* must be >= 10")
+        _check(self.clean_size >= 2, "data.clean_size must be >= 2")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    arch: str
+    width: int
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    temperature: float
+    train_size: int
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    target_class: int
+    n_reference: int
+    trigger_size: int
+    trigger_margin: int
+    shadow_size: int
+    epochs: int
+    batch_size: int
+    lr: float
+    lambda_reference: float
+    lambda_clean: float
+
+    def __post_init__(self) -> None:
+        _check(self.n_reference >= 1, "attack.n_reference must be >= 1")
+        _check(1 <= self.trigger_size <= 32, "attack.trigger_size must be in 1..32")
+
+
+@dataclass(frozen=True)
+class MIConfig:
+    estimator: str
+    network: str
+    epochs: int
+    batch_size: int
+    lr: float
+    hidden: int
+    pool: int
+    base: float
+    scale: float
+
+    def __post_init__(self) -> None:
+        _check(self.estimator in ("dv", "infonce"), f"mi.estimator must be dv or infonce, got {self.estimator!r}")
+        _check(self.network in ("teacher", "student"), f"mi.network must be teacher or student, got {self.network!r}")
+        _check(self.pool >= 1, "mi.pool must be >= 1")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    temperature: float
+    lambda_clone: float
+    attention_p: int
+    contrastive: bool
+    attention: bool
+    clone: bool
+    weights: str
+    student_init: str
+
+    def __post_init__(self) -> None:
+        _check(self.weights in ("mi", "uniform"), f"distill.weights must be mi or uniform, got {self.weights!r}")
+        _check(self.student_init in ("empty", "teacher"), "distill.student_init must be empty or teacher")
+        _check(self.contrastive or self.attention or self.clone, "distill: at least one loss term must be on")
+        _check(self.temperature > 0, "distill.temperature must be > 0")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    probe: str
+    epochs: int
+    batch_size: int
+    lr: float
+    train_size: int
+
+    def __post_init__(self) -> None:
+        _check(self.probe in ("linear", "mlp", "both"), f"evaluate.probe must be linear, mlp or both, got {self.probe!r}")
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int
+    device: str
+    precision: str
+    data: DataConfig
+    encoder: EncoderConfig
+    pretrain: PretrainConfig
+    attack: AttackConfig
+    mi: MIConfig
+    distill: DistillConfig
+    evaluate: EvaluateConfig
+    profile: str | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        _check(self.precision in ("auto", "fp32", "bf16"), f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        for stage in (self.pretrain, self.attack, self.mi, self.distill, self.evaluate):
+            for name in ("epochs", "batch_size"):
+                _check(getattr(stage, name) >= 1, f"{type(stage).__name__}.{name} must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def section_hash(self, *names: str) -> str:
+        """Stable hash of some sections (e.g. ``"distill"``): a cache key for one stage's params."""
+        blob = json.dumps({n: _as_plain(getattr(self, n)) for n in names}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _as_plain(v: Any) -> Any:
+    return dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+
+
+_SECTIONS = {
+    "data": DataConfig,
+    "encoder": EncoderConfig,
+    "pretrain": PretrainConfig,
+    "attack": AttackConfig,
+    "mi": MIConfig,
+    "distill": DistillConfig,
+    "evaluate": EvaluateConfig,
+}
+_TOP = ("seed", "device", "precision")
+
+
+def default_params_text() -> str:
+    return resources.files("mimic").joinpath("params.yaml").read_text()
+
+
+def _merge(base: dict, over: dict, where: str) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if key not in base:
+            raise ConfigError(f"unknown parameter {where}{key}")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"parameter {where}{key} is a group; set {where}{key}.<name>=value")
+            out[key] = _merge(base[key], value, f"{where}{key}.")
+        else:
+            out[key] = value
+    return out
+
+
+def _coerce(cls: type, values: dict, where: str) -> Any:
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in values:
+            raise ConfigError(f"missing parameter {where}.{f.name}")
+        v = values[f.name]
+        want = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        try:
+            if want == "int":
+                if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+                    raise ValueError
+                v = int(v)
+            elif want == "float":
+                v = float(v)
+            elif want == "bool":
+                if not isinstance(v, bool):
+                    raise ValueError
+            elif want == "str":
+                v = str(v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"parameter {where}.{f.name} must be {want}, got {v!r}") from None
+        kwargs[f.name] = v
+    return cls(**kwargs)
+
+
+def parse_set(item: str) -> dict:
+    """``"distill.epochs=5"`` -> ``{"distill": {"epochs": 5}}`` (value parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects stage.key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(
+    path: str | Path | None = None,
+    profile: str | None = None,
+    sets: list[str] | tuple[str, ...] = (),
+    extra: dict | None = None,
+) -> Config:
+    """Build the run's configuration: defaults <- ``path`` <- profile <- ``extra`` <- ``sets``."""
+    try:
+        raw = yaml.safe_load(default_params_text())
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError(f"params file not found: {p}")
+            user = yaml.safe_load(p.read_text()) or {}
+            if not isinstance(user, dict):
+                raise ConfigError(f"{p}: expected a mapping of stages")
+            profiles = {**raw.get("profiles", {}), **user.pop("profiles", {})}
+            raw = _merge({k: v for k, v in raw.items() if k != "profiles"}, user, "")
+            raw["profiles"] = profiles
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"params file is not valid YAML: {str(exc).splitlines()[0]}") from None
+    profiles = raw.pop("profiles", {}) or {}
+    if profile is not None:
+        if profile not in profiles:
+            raise ConfigError(f"unknown profile {profile!r}; known: {', '.join(sorted(profiles)) or 'none'}")
+        raw = _merge(raw, profiles[profile], "")
+    if extra:
+        raw = _merge(raw, extra, "")
+    for item in sets:
+        raw = _merge(raw, parse_set(item), "")
+    unknown = set(raw) - set(_SECTIONS) - set(_TOP)
+    if unknown:
+        raise ConfigError(f"unknown parameter group(s): {', '.join(sorted(unknown))}")
+    sections = {name: _coerce(cls, raw.get(name) or {}, name) for name, cls in _SECTIONS.items()}
+    try:
+        seed = int(raw["seed"])
+    except (TypeError, ValueError):
+        raise ConfigError(f"seed must be an integer, got {raw['seed']!r}") from None
+    return Config(seed=seed, device=str(raw["device"]), precision=str(raw["precision"]), profile=profile, **sections)

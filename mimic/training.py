@@ -1,0 +1,129 @@
+"""The resumable epoch loop shared by pre-training, the attack and distillation.
+
+A run lives in a work directory keyed on its inputs. After every epoch the state (modules,
+optimizer, history, epoch) is written atomically to ``last.pt``; a new run with the same key
+resumes from it automatically (DINO's loop). Randomness of epoch ``e`` comes from
+``generator(seed, name, e)``, so a resumed run is bit-identical to an uninterrupted one on CPU.
+A non-finite loss stops the run at once with :class:`TrainingDiverged`; ``last.pt`` keeps the
+last good epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from mimic.checkpoints import load_state, save_state
+from mimic.errors import CheckpointError, TrainingDiverged
+from mimic.runtime import generator
+
+EpochFn = Callable[[int, torch.Generator], dict[str, float]]
+
+
+@dataclass
+class LoopResult:
+    history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: int = 0  # epochs already done when this process started
+    seconds: float = 0.0
+
+
+def check_finite(loss: Tensor, what: str, epoch: int, step: int) -> None:
+    if not torch.isfinite(loss).all():
+        raise TrainingDiverged(
+            f"{what}: loss became {float(loss.detach()):.4g} at epoch {epoch + 1}, step {step + 1}; "
+            "stopped, the last good checkpoint is kept (lower the learning rate or check the data)"
+        )
+
+
+class MeanMeter:
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, values: dict[str, float], n: int = 1) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v) * n
+        self.count += n
+
+    def means(self) -> dict[str, float]:
+        return {k: v / max(self.count, 1) for k, v in self.sums.items()}
+
+
+def _load_latest(work_dir: Path) -> dict | None:
+    """The newest readable checkpoint: ``last.pt``, or ``prev.pt`` when ``last.pt`` is torn/missing."""
+    errors = []
+    for path in (work_dir / "last.pt", work_dir / "prev.pt"):
+        if path.exists():
+            try:
+                return load_state(path)
+            except CheckpointError as exc:
+                errors.append(str(exc))
+    if errors:
+        raise CheckpointError(f"{errors[0]}; no readable checkpoint left, remove {work_dir} to start over")
+    return None
+
+
+def run_epochs(
+    name: str,
+    *,
+    modules: dict[str, nn.Module],
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    seed: int,
+    work_dir: Path,
+    key: str,
+    epoch_fn: EpochFn,
+    progress: bool = True,
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+) -> LoopResult:
+    """Run ``epoch_fn`` for epochs ``[start, epochs)`` with checkpoint + resume in ``work_dir``."""
+    import time
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    last = work_dir / "last.pt"
+    result = LoopResult()
+    start = 0
+    state = _load_latest(work_dir)
+    if state is not None:
+        if state.get("key") != key:
+            raise CheckpointError(f"{work_dir}: belongs to a different run (key {state.get('key')} != {key}); use another work directory")
+        for mname, module in modules.items():
+            module.load_state_dict(state["modules"][mname], strict=True)
+        optimizer.load_state_dict(state["optimizer"])
+        start = int(state["epoch"])
+        result.history = list(state["history"])
+        result.resumed_from = start
+    t0 = time.perf_counter()
+    bar = tqdm(range(start, epochs), desc=name, unit="epoch", disable=not progress, initial=start, total=epochs, leave=False)
+    for epoch in bar:
+        for m in modules.values():
+            m.train()
+        metrics = epoch_fn(epoch, generator(seed, name, epoch))
+        for k, v in metrics.items():
+            if not math.isfinite(v):
+                raise TrainingDiverged(f"{name}: {k} became {v} in epoch {epoch + 1}; stopped, the last good checkpoint is kept")
+        result.history.append({"epoch": epoch + 1, **metrics})
+        state = {
+            "key": key,
+            "epoch": epoch + 1,
+            "modules": {n: m.state_dict() for n, m in modules.items()},
+            "optimizer": optimizer.state_dict(),
+            "history": result.history,
+        }
+        if last.exists():
+            last.replace(work_dir / "prev.pt")
+        save_state(last, state)
+        bar.set_postfix({k: f"{v:.4f}" for k, v in list(metrics.items())[:3]})
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, metrics)
+    bar.close()
+    result.seconds = time.perf_counter() - t0
+    (work_dir / "history.json").write_text(json.dumps(result.history, indent=1))
+    return result

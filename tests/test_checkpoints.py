@@ -1,0 +1,374 @@
+"""Round trips of every supported layout and the strict, one-line load errors."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+import torchvision
+
+from mimic import checkpoints
+from mimic.checkpoints import (
+    LoadedEncoder,
+    canonical_state_dict,
+    infer_spec,
+    load_encoder,
+    load_state,
+    read_raw,
+    save_encoder,
+    save_state,
+)
+from mimic.encoders import CIFAR10_MEAN, Encoder, EncoderSpec
+from mimic.errors import CheckpointError, ConfigError
+
+RESEARCH = {"conv1": "f.f.0", "bn1": "f.f.1", "layer1": "f.f.3", "layer2": "f.f.4",
+            "layer3": "f.f.5", "layer4": "f.f.6"}  # fmt: skip
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest single-threaded (and do not thrash a shared CI box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_encoder(width: int = 4, seed: int = 0, **spec_kw) -> Encoder:
+    torch.manual_seed(seed)
+    enc = Encoder(EncoderSpec(width=width, **spec_kw))
+    with torch.no_grad():  # non-trivial BN statistics so they are checked too
+        for m in enc.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.1, 0.1)
+                m.num_batches_tracked.fill_(7)
+    return enc.eval()
+
+
+def backbone_sd(enc: Encoder) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in enc.backbone.state_dict().items()}
+
+
+def to_research(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        head, rest = k.split(".", 1)
+        out[f"{RESEARCH[head]}.{rest}"] = v
+    return out
+
+
+def assert_same(loaded: LoadedEncoder, enc: Encoder) -> None:
+    got, want = loaded.encoder.backbone.state_dict(), enc.backbone.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    assert not loaded.encoder.training
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded.encoder(x), enc(x), atol=1e-6)
+
+
+def error_of(path, **kw) -> str:
+    with pytest.raises(CheckpointError) as info:
+        load_encoder(path, **kw)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith(str(path))
+    return msg
+
+
+@pytest.fixture
+def enc() -> Encoder:
+    return make_encoder()
+
+
+# ---------------------------------------------------------------- round trips
+
+
+def test_roundtrip_mimic_pt(tmp_path, enc):
+    path = tmp_path / "enc.pt"
+    save_encoder(path, enc, meta={"epoch": 3, "tags": ["a", "b"]}, extras={"trigger": torch.ones(3), "note": "x"})
+    loaded = load_encoder(path)
+    assert loaded.layout == "mimic"
+    assert loaded.spec == enc.spec
+    assert loaded.meta == {"epoch": 3, "tags": ["a", "b"]}
+    assert torch.equal(loaded.extras["trigger"], torch.ones(3)) and loaded.extras["note"] == "x"
+    assert loaded.ignored == ()
+    assert_same(loaded, enc)
+    raw = read_raw(path)
+    assert raw["format"] == "mimic-encoder" and raw["version"] == 1
+
+
+def test_mimic_keeps_its_normalisation(tmp_path):
+    enc = make_encoder(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    path = tmp_path / "enc.pt"
+    save_encoder(path, enc)
+    loaded = load_encoder(path, spec=EncoderSpec(width=4))
+    assert loaded.spec.mean == (0.5, 0.5, 0.5) and loaded.spec.std == (0.25, 0.25, 0.25)
+    assert_same(loaded, enc)
+    assert load_encoder(path, mean=(0.1, 0.2, 0.3)).spec.mean == (0.1, 0.2, 0.3)
+
+
+def test_roundtrip_mimic_safetensors(tmp_path, enc):
+    path = tmp_path / "enc.safetensors"
+    save_encoder(path, enc, meta={"source": "unit"})
+    loaded = load_encoder(path)
+    assert loaded.layout == "mimic+safetensors"
+    assert loaded.spec == enc.spec
+    assert loaded.meta == {"source": "unit"} and loaded.extras == {}
+    assert_same(loaded, enc)
+    with pytest.raises(ConfigError):
+        save_encoder(tmp_path / "x.safetensors", enc, extras={"t": torch.ones(1)})
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_roundtrip_research_with_head_and_module_prefix(tmp_path, enc):
+    sd = to_research(backbone_sd(enc))
+    sd["g.0.weight"] = torch.randn(16, 32)
+    sd["g.3.bias"] = torch.randn(8)
+    wrapped = {"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 200}
+    path = tmp_path / "badencoder.pth"
+    torch.save(wrapped, path)
+    loaded = load_encoder(path)
+    assert loaded.layout == "research"
+    assert loaded.spec == EncoderSpec(width=4)
+    assert loaded.ignored == ("g.0.weight", "g.3.bias")
+    assert loaded.meta == {} and loaded.extras == {}
+    assert_same(loaded, enc)
+
+    bare = tmp_path / "bare.pt"
+    torch.save(to_research(backbone_sd(enc)), bare)
+    assert_same(load_encoder(bare), enc)
+
+
+def test_research_safetensors(tmp_path, enc):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "research.safetensors"
+    save_file({k: v.contiguous() for k, v in to_research(backbone_sd(enc)).items()}, str(path))
+    loaded = load_encoder(path)
+    assert loaded.layout == "research+safetensors"
+    assert_same(loaded, enc)
+
+
+def test_roundtrip_torchvision_cifar_layout(tmp_path, enc):
+    sd = backbone_sd(enc)
+    sd["fc.weight"], sd["fc.bias"] = torch.randn(10, 32), torch.randn(10)
+    path = tmp_path / "tv.pt"
+    torch.save(dict(reversed(list(sd.items()))), path)
+    loaded = load_encoder(path)
+    assert loaded.layout == "torchvision"
+    assert loaded.spec.arch == "cifar_resnet18" and loaded.spec.width == 4
+    assert loaded.spec.mean == CIFAR10_MEAN
+    assert loaded.ignored == ("fc.bias", "fc.weight")
+    assert_same(loaded, enc)
+
+
+def test_imported_layout_takes_mean_std(tmp_path, enc):
+    path = tmp_path / "tv.pt"
+    torch.save(backbone_sd(enc), path)
+    loaded = load_encoder(path, mean=[0.5, 0.5, 0.5], std=(0.2, 0.2, 0.2))
+    assert loaded.spec.mean == (0.5, 0.5, 0.5) and loaded.spec.std == (0.2, 0.2, 0.2)
+    spec = EncoderSpec(width=4, mean=(0.1, 0.1, 0.1))
+    assert load_encoder(path, spec=spec).spec.mean == (0.1, 0.1, 0.1)
+
+
+def test_roundtrip_torchvision_resnet18(tmp_path):
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18()
+    path = tmp_path / "resnet18.pth"
+    torch.save(net.state_dict(), path)
+    loaded = load_encoder(path)
+    assert loaded.spec.arch == "resnet18" and loaded.layout == "torchvision"
+    assert loaded.ignored == ("fc.bias", "fc.weight")
+    got = loaded.encoder.backbone.state_dict()
+    for k, v in net.state_dict().items():
+        if not k.startswith("fc."):
+            assert torch.equal(got[k], v), k
+    msg = error_of(path, spec=EncoderSpec(width=64))
+    assert "wrong architecture: file holds resnet18, expected cifar_resnet18-w64" in msg
+
+
+def test_infer_spec_shapes():
+    assert infer_spec(torchvision.models.resnet50().state_dict()) == EncoderSpec(arch="resnet50")
+    assert infer_spec(backbone_sd(make_encoder(width=8))) == EncoderSpec(width=8)
+    with pytest.raises(CheckpointError, match="resnet34"):
+        infer_spec(torchvision.models.resnet34().state_dict())
+    with pytest.raises(CheckpointError, match="conv1.weight"):
+        infer_spec({"foo.weight": torch.zeros(1)})
+
+
+def test_resnet34_file_is_unsupported(tmp_path):
+    sd = {"conv1.weight": torch.zeros(64, 3, 7, 7)}
+    for stage, blocks in zip(range(1, 5), (3, 4, 6, 3)):
+        for b in range(blocks):
+            sd[f"layer{stage}.{b}.conv1.weight"] = torch.zeros(1)
+    path = tmp_path / "r34.pt"
+    torch.save(sd, path)
+    msg = error_of(path)
+    assert "unsupported architecture" in msg and "resnet34" in msg
+
+
+def test_canonical_state_dict_of_raw(enc):
+    sd = to_research(backbone_sd(enc))
+    canon, layout, spec_meta, ignored = canonical_state_dict({"state_dict": sd}, "x.pt")
+    assert layout == "research" and spec_meta is None and ignored == ()
+    assert set(canon) == set(enc.backbone.state_dict())
+
+
+def test_missing_num_batches_tracked_is_filled(tmp_path, enc):
+    sd = {k: v for k, v in backbone_sd(enc).items() if not k.endswith("num_batches_tracked")}
+    path = tmp_path / "old.pt"
+    torch.save(sd, path)
+    loaded = load_encoder(path)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded.encoder(x), enc(x), atol=1e-6)
+
+
+# ---------------------------------------------------------------- strict errors
+
+
+def test_missing_key_is_named(tmp_path, enc):
+    sd = backbone_sd(enc)
+    del sd["layer2.0.bn1.running_mean"]
+    torch.save(sd, tmp_path / "m.pt")
+    msg = error_of(tmp_path / "m.pt")
+    assert "missing 1 key(s): layer2.0.bn1.running_mean" in msg
+
+
+def test_unexpected_key_is_named(tmp_path, enc):
+    sd = to_research(backbone_sd(enc))
+    sd["f.f.9.weight"] = torch.zeros(3)
+    torch.save({"state_dict": sd}, tmp_path / "u.pt")
+    msg = error_of(tmp_path / "u.pt")
+    assert "unexpected 1 key(s): f.f.9.weight" in msg
+
+
+def test_shape_mismatch_is_named(tmp_path, enc):
+    sd = backbone_sd(enc)
+    sd["layer3.1.conv2.weight"] = torch.zeros(16, 16, 1, 1)
+    torch.save(sd, tmp_path / "s.pt")
+    msg = error_of(tmp_path / "s.pt")
+    assert "layer3.1.conv2.weight" in msg and "[16, 16, 1, 1]" in msg and "[16, 16, 3, 3]" in msg
+
+
+def test_wrong_width(tmp_path, enc):
+    save_encoder(tmp_path / "w4.pt", enc)
+    msg = error_of(tmp_path / "w4.pt", spec=EncoderSpec(width=8))
+    assert "wrong architecture: file holds cifar_resnet18-w4, expected cifar_resnet18-w8" in msg
+    torch.save(backbone_sd(enc), tmp_path / "tv4.pt")
+    assert "wrong architecture" in error_of(tmp_path / "tv4.pt", spec=EncoderSpec(arch="resnet50"))
+
+
+@pytest.mark.parametrize("value,word", [(float("nan"), "NaN"), (float("inf"), "Inf")])
+def test_non_finite_weights_are_named(tmp_path, enc, value, word):
+    sd = backbone_sd(enc)
+    sd["layer1.0.conv1.weight"][0, 0, 0, 0] = value
+    torch.save(sd, tmp_path / "bad.pt")
+    msg = error_of(tmp_path / "bad.pt")
+    assert "layer1.0.conv1.weight" in msg and word in msg
+    sd = to_research(backbone_sd(enc))
+    sd["f.f.1.running_var"][1] = value
+    torch.save({"state_dict": sd}, tmp_path / "bad_research.pt")
+    msg = error_of(tmp_path / "bad_research.pt")
+    assert "bn1.running_var" in msg and "f.f.1.running_var" in msg and word in msg
+
+
+def test_inconsistent_mimic_metadata(tmp_path, enc):
+    payload = {"format": "mimic-encoder", "version": 1, "spec": EncoderSpec(width=8).to_meta(),
+               "state_dict": backbone_sd(enc), "meta": {}, "extras": {}}  # fmt: skip
+    torch.save(payload, tmp_path / "lie.pt")
+    assert "metadata says cifar_resnet18-w8, weights are cifar_resnet18-w4" in error_of(tmp_path / "lie.pt")
+    payload["spec"] = {"arch": "cifar_resnet18", "width": 4, "mean": [0.5, 0.5]}
+    torch.save(payload, tmp_path / "mean2.pt")
+    assert "bad encoder spec in file metadata" in error_of(tmp_path / "mean2.pt")
+    payload["spec"] = {"arch": "vit", "width": 4}
+    torch.save(payload, tmp_path / "vit.pt")
+    assert "unknown architecture 'vit'" in error_of(tmp_path / "vit.pt")
+    payload["version"] = 99
+    torch.save(payload, tmp_path / "v99.pt")
+    assert "unsupported mimic-encoder version 99" in error_of(tmp_path / "v99.pt")
+
+
+def test_unknown_layout(tmp_path):
+    torch.save({"foo": 1, "bar": [1, 2]}, tmp_path / "odd.pt")
+    assert "unknown layout" in error_of(tmp_path / "odd.pt")
+    torch.save([torch.zeros(1)], tmp_path / "list.pt")
+    assert "unknown layout" in error_of(tmp_path / "list.pt")
+    torch.save({"a.weight": torch.zeros(3)}, tmp_path / "noconv.pt")
+    assert "no conv1.weight" in error_of(tmp_path / "noconv.pt")
+
+
+# ---------------------------------------------------------------- atomic saves and training state
+
+
+def test_atomic_save_leaves_no_temp_files(tmp_path, enc, monkeypatch):
+    save_encoder(tmp_path / "a.pt", enc)
+    save_encoder(tmp_path / "a.pt", enc)  # overwrite
+    save_encoder(tmp_path / "a.safetensors", enc)
+    save_state(tmp_path / "s.pt", {"step": 1})
+    assert sorted(os.listdir(tmp_path)) == ["a.pt", "a.safetensors", "s.pt"]
+
+    before = (tmp_path / "s.pt").read_bytes()
+
+    def boom(*_a, **_k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoints.torch, "save", boom)
+    with pytest.raises(OSError):
+        save_state(tmp_path / "s.pt", {"step": 2})
+    assert sorted(os.listdir(tmp_path)) == ["a.pt", "a.safetensors", "s.pt"]
+    assert (tmp_path / "s.pt").read_bytes() == before
+
+
+def test_state_roundtrip(tmp_path, enc):
+    opt = torch.optim.Adam(enc.parameters(), lr=1e-2)
+    enc.train()
+    enc(torch.rand(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    state = {
+        "epoch": 5,
+        "model": enc.state_dict(),
+        "optimizer": opt.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        "betas": [1.0, 2.5],
+    }
+    save_state(tmp_path / "ckpt.pt", state)
+    back = load_state(tmp_path / "ckpt.pt")
+    assert back["epoch"] == 5 and back["betas"] == [1.0, 2.5]
+    assert torch.equal(back["rng"]["torch"], state["rng"]["torch"])
+    random.setstate(back["rng"]["python"])
+    opt.load_state_dict(back["optimizer"])
+
+
+def test_save_state_refuses_non_plain(tmp_path):
+    import numpy as np
+
+    with pytest.raises(ConfigError, match=r"state\.rng"):
+        save_state(tmp_path / "c.pt", {"rng": np.zeros(3)})
+    assert not list(tmp_path.iterdir())
+
+
+def test_load_state_truncated(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    save_state(path, {"w": torch.randn(1000), "epoch": 1})
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError) as info:
+        load_state(path)
+    assert "\n" not in str(info.value) and "truncated" in str(info.value)
+    path.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty"):
+        load_state(path)
+
+
+def test_load_state_of_encoder_safetensors_is_refused(tmp_path, enc):
+    save_encoder(tmp_path / "e.safetensors", enc)
+    with pytest.raises(CheckpointError, match="not a training checkpoint"):
+        load_state(tmp_path / "e.safetensors")

@@ -1,0 +1,112 @@
+"""The `mimic` command: an end-to-end audit of a research-layout checkpoint, the demo, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from conftest import write_npz
+from mimic.checkpoints import load_encoder
+from mimic.cli import main
+from mimic.encoders import ProjectionHead
+from mimic.fingerprint import fingerprint_encoder
+
+RESEARCH = {"conv1": "f.f.0", "bn1": "f.f.1", "layer1": "f.f.3", "layer2": "f.f.4", "layer3": "f.f.5", "layer4": "f.f.6"}
+REQUIRED = {"teacher_ca", "teacher_asr", "student_ca", "student_asr", "mi", "weights", "seconds"}
+
+
+def research_checkpoint(encoder, path: Path) -> Path:
+    sd = {}
+    for k, v in encoder.backbone.state_dict().items():
+        head, rest = k.split(".", 1)
+        sd[f"{RESEARCH[head]}.{rest}"] = v
+    for k, v in ProjectionHead(encoder.feature_dim).state_dict().items():
+        sd[f"g.{k}"] = v
+    torch.save({"epoch": 200, "state_dict": sd}, path)
+    return path
+
+
+def test_audit_of_research_layout_checkpoint_end_to_end(tiny_encoder, tmp_path, capsys):
+    teacher = research_checkpoint(tiny_encoder, tmp_path / "model_200.pth")
+    data = write_npz(tmp_path / "d.npz", n_train=120, n_test=60)
+    out = tmp_path / "audit"
+    rc = main(["audit", "--teacher", str(teacher), "--data", str(data), "--profile", "tiny", "--target-class", "1",
+               "--trigger", str(_trigger(tmp_path)), "--out", str(out), "--json", str(tmp_path / "r.json"), "--quiet"])
+    assert rc == 0
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert REQUIRED <= set(res)
+    assert res["teacher"]["layout"] == "research" and res["teacher"]["fingerprint"] == fingerprint_encoder(tiny_encoder)
+    assert set(res["mi"]) == {"layer1", "layer2", "layer3", "layer4"}
+    assert all(0 <= res[k] <= 100 for k in ("teacher_ca", "teacher_asr", "student_ca", "student_asr"))
+    student = load_encoder(out / "student.pt")
+    assert student.spec == load_encoder(teacher).spec
+    assert student.meta["teacher_fingerprint"] == res["teacher"]["fingerprint"]
+    for name in ("mi.json", "mi.png", "losses.json", "losses.png", "results.json"):
+        assert (out / name).stat().st_size > 0
+    assert "student" in capsys.readouterr().out
+    # a second run reuses every stage's output
+    rc = main(["audit", "--teacher", str(teacher), "--data", str(data), "--profile", "tiny", "--out", str(out),
+               "--json", str(tmp_path / "r2.json"), "--quiet"])
+    again = json.loads((tmp_path / "r2.json").read_text())
+    assert rc == 0 and again["student"]["cached"] and again["student"]["fingerprint"] == res["student"]["fingerprint"]
+
+
+def _trigger(tmp_path: Path) -> Path:
+    from mimic.triggers import white_patch
+
+    white_patch().save_npz(tmp_path / "trigger.npz")
+    return tmp_path / "trigger.npz"
+
+
+def test_tiny_demo_prints_table_and_json(tmp_path, capsys):
+    rc = main(["demo", "--profile", "tiny", "--out", str(tmp_path / "demo"), "--json", str(tmp_path / "demo.json"), "--quiet"])
+    assert rc == 0
+    res = json.loads((tmp_path / "demo.json").read_text())
+    assert REQUIRED | {"clean_ca", "clean_asr"} <= set(res)
+    assert res["environment"]["seed"] == 0 and res["environment"]["torch"] == torch.__version__
+    out = capsys.readouterr().out
+    assert "teacher" in out and "student" in out and "MI weights" in out
+    for name in ("clean.pt", "teacher.pt", "audit/student.pt"):
+        assert (tmp_path / "demo" / name).exists()
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mimic.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path):
+    (tmp_path / "notes.pt").write_text("this is not a model")
+    data = write_npz(tmp_path / "d.npz", n_train=40, n_test=20)
+    cases = [
+        (["fingerprint", str(tmp_path / "missing.pt")], "missing.pt"),
+        (["fingerprint", str(tmp_path / "notes.pt")], "notes.pt"),
+        (["audit", "--teacher", str(tmp_path / "notes.pt"), "--data", str(data)], "notes.pt"),
+        (["demo", "--set", "distill.epochs=-1"], "epochs"),
+        (["demo", "--profile", "nope"], "unknown profile"),
+    ]
+    for args, needle in cases:
+        r = _cli(*args, cwd=tmp_path)
+        assert r.returncode == 2, (args, r.stderr)
+        lines = [l for l in r.stderr.splitlines() if l.strip()]
+        assert len(lines) == 1 and lines[0].startswith("mimic: error:") and needle in lines[0], (args, r.stderr)
+        assert "Traceback" not in r.stderr
+
+
+def test_clean_set_smaller_than_a_batch_is_refused(tiny_encoder, tmp_path):
+    from mimic.checkpoints import save_encoder
+
+    save_encoder(tmp_path / "t.pt", tiny_encoder)
+    data = write_npz(tmp_path / "d.npz", n_train=8, n_test=8)
+    r = _cli("audit", "--teacher", str(tmp_path / "t.pt"), "--data", str(data), "--profile", "tiny", "--out", str(tmp_path / "o"), cwd=tmp_path)
+    assert r.returncode == 2 and "fewer than one batch" in r.stderr
+    assert not (tmp_path / "o" / "student.pt").exists()
+
+
+def test_import_mimic_stays_light():
+    code = "import sys, mimic, mimic.cli, mimic.pipeline; print(sorted({m.split('.')[0] for m in sys.modules} & {'prefect','mlflow','dvc','boto3'}))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "[]", r.stdout + r.stderr

@@ -1,0 +1,89 @@
+"""The teacher fingerprint is a content hash: format- and key-order-invariant, weight-sensitive."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mimic.checkpoints import save_encoder
+from mimic.encoders import Encoder, EncoderSpec
+from mimic.fingerprint import fingerprint_encoder, fingerprint_file, fingerprint_state_dict
+
+RESEARCH = {"conv1": "f.f.0", "bn1": "f.f.1", "layer1": "f.f.3", "layer2": "f.f.4",
+            "layer3": "f.f.5", "layer4": "f.f.6"}  # fmt: skip
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest single-threaded (and do not thrash a shared CI box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_encoder(width: int = 4, seed: int = 0, **spec_kw) -> Encoder:
+    torch.manual_seed(seed)
+    return Encoder(EncoderSpec(width=width, **spec_kw)).eval()
+
+
+def shuffled(d: dict, seed: int = 1) -> dict:
+    items = list(d.items())
+    random.Random(seed).shuffle(items)
+    return dict(items)
+
+
+def test_invariant_across_formats_and_key_order(tmp_path):
+    enc = make_encoder()
+    want = fingerprint_encoder(enc)
+    sd = {k: v.clone() for k, v in enc.backbone.state_dict().items()}
+
+    save_encoder(tmp_path / "ours.pt", enc)
+    save_encoder(tmp_path / "ours.safetensors", enc)
+    research = {f"{RESEARCH[k.split('.', 1)[0]]}.{k.split('.', 1)[1]}": v for k, v in sd.items()}
+    research["g.0.weight"] = torch.randn(4, 4)
+    torch.save({"state_dict": shuffled({f"module.{k}": v for k, v in research.items()})}, tmp_path / "research.pt")
+    torch.save(dict(reversed(list(sd.items()))) | {"fc.weight": torch.randn(10, 32)}, tmp_path / "tv.pt")
+    save_file({k: v.contiguous() for k, v in shuffled(research, 2).items()}, str(tmp_path / "research.safetensors"))
+
+    for name in ("ours.pt", "ours.safetensors", "research.pt", "tv.pt", "research.safetensors"):
+        assert fingerprint_file(tmp_path / name) == want, name
+    assert fingerprint_file(tmp_path / "tv.pt", spec=EncoderSpec(width=4)) == want
+    assert fingerprint_state_dict(shuffled(sd), "cifar_resnet18-w4") == want
+
+
+def test_changes_with_one_element():
+    enc = make_encoder()
+    sd = {k: v.clone() for k, v in enc.backbone.state_dict().items()}
+    before = fingerprint_state_dict(sd, "cifar_resnet18-w4")
+    sd["layer4.1.conv2.weight"].view(-1)[17] += 1e-6
+    assert fingerprint_state_dict(sd, "cifar_resnet18-w4") != before
+
+
+def test_differs_across_widths_and_arch_names():
+    a, b = make_encoder(width=4), make_encoder(width=8)
+    assert fingerprint_encoder(a) != fingerprint_encoder(b)
+    sd = a.backbone.state_dict()
+    assert fingerprint_state_dict(sd, "cifar_resnet18-w4") != fingerprint_state_dict(sd, "other")
+
+
+def test_dtype_is_part_of_it():
+    t = {"w": torch.ones(4)}
+    assert fingerprint_state_dict(t, "x") != fingerprint_state_dict({"w": torch.ones(4, dtype=torch.float64)}, "x")
+    assert fingerprint_state_dict(t, "x") != fingerprint_state_dict({"w": torch.ones(2, 2)}, "x")
+
+
+def test_normalisation_and_counters_are_not_part_of_it():
+    a = make_encoder(seed=3)
+    b = make_encoder(seed=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    assert fingerprint_encoder(a) == fingerprint_encoder(b)
+    b.backbone.bn1.num_batches_tracked.fill_(123)
+    assert fingerprint_encoder(a) == fingerprint_encoder(b)
+
+
+def test_is_sha256_hex():
+    fp = fingerprint_encoder(make_encoder())
+    assert len(fp) == 64 and int(fp, 16) >= 0
