@@ -127,8 +127,8 @@ def random_grayscale(x: Tensor, g: torch.Generator, p: float = 0.2) -> Tensor:
     return torch.where(apply, _gray(x).expand_as(x), x)
 
 
-def simclr_augment(x: Tensor, g: torch.Generator) -> Tensor:
+def simclr_augment(x: Tensor, g: torch.Generator, crop_min_scale: float = 0.08) -> Tensor:
     """One SimCLR view of a batch of [0, 1] images (N, 3, H, W)."""
-    x = random_resized_crop(x, g, size=x.shape[-1])
+    x = random_resized_crop(x, g, size=x.shape[-1], scale=(crop_min_scale, 1.0))
     x = color_jitter(x, g)
     return random_grayscale(x, g)

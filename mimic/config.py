@@ -49,6 +49,7 @@ class PretrainConfig:
     lr: float
     weight_decay: float
     temperature: float
+    crop_min_scale: float
     train_size: int
 
 
@@ -95,6 +96,7 @@ class DistillConfig:
     lr: float
     weight_decay: float
     temperature: float
+    crop_min_scale: float
     lambda_clone: float
     attention_p: int
     contrastive: bool

@@ -94,7 +94,7 @@ def distill(
             if len(idx) < 2:
                 continue
             x = to_float(clean.x[idx], device)
-            x1, x2 = simclr_augment(x, g), simclr_augment(x, g)
+            x1, x2 = simclr_augment(x, g, cfg.crop_min_scale), simclr_augment(x, g, cfg.crop_min_scale)
             if device.type == "cuda":
                 x1 = x1.contiguous(memory_format=torch.channels_last)
                 x2 = x2.contiguous(memory_format=torch.channels_last)

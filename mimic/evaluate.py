@@ -48,12 +48,28 @@ def make_probe(kind: str, dim: int, num_classes: int) -> nn.Module:
     raise ValueError(f"unknown probe {kind!r}")
 
 
+class Standardise(nn.Module):
+    """Per-dimension z-scoring with statistics of the probe's training features.
+
+    An invertible affine map, so it changes nothing a linear probe can express; it only
+    conditions the optimisation (L2-normalised features have a tiny per-dimension scale).
+    """
+
+    def __init__(self, features: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", features.mean(0))
+        self.register_buffer("std", features.std(0) + 1e-6)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
 def train_probe(
     features: Tensor, labels: Tensor, num_classes: int, *, kind: str = "linear", epochs: int = 100, lr: float = 1e-2,
     batch_size: int = 512, seed: int = 0,
 ) -> nn.Module:
     seed_torch(seed, "probe-init", kind)
-    probe = make_probe(kind, features.shape[1], num_classes)
+    probe = nn.Sequential(Standardise(features), make_probe(kind, features.shape[1], num_classes))
     opt = torch.optim.Adam(probe.parameters(), lr=lr if kind == "linear" else lr / 10)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     probe.train()

@@ -41,7 +41,7 @@ def pretrain_simclr(
             if len(idx) < 2:
                 continue
             x = to_float(images.x[idx], device)
-            x1, x2 = simclr_augment(x, g), simclr_augment(x, g)
+            x1, x2 = simclr_augment(x, g, cfg.crop_min_scale), simclr_augment(x, g, cfg.crop_min_scale)
             with autocast(device, amp_dtype):
                 f = encoder(torch.cat([x1, x2]))
                 loss = nt_xent(head(f[: len(idx)]), head(f[len(idx) :]), cfg.temperature)
