@@ -4,8 +4,8 @@
         [--device auto] [--precision fp32|bf16|auto] [--json bench-results/distill.json]
 
 One "image" is one clean image per step (two augmented views, student on both, teacher on one).
-Peak memory: CUDA max allocated on GPUs; on CPUs the growth of the process's peak RSS during the
-measurement (ru_maxrss), which is an upper bound for that configuration when run first.
+Peak memory: CUDA max allocated on GPUs; on CPUs the peak RSS of a fresh process that runs just
+that configuration (each configuration is measured in its own subprocess).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -42,7 +44,6 @@ def distill_throughput(width: int, batch: int, steps: int, device: torch.device,
     w = [3500.0] * 4
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    rss0 = peak_rss_mb()
     times = []
     with StageTaps(teacher, teacher.stage_paths()) as tt, StageTaps(student, student.stage_paths()) as st:
         for i in range(steps + 1):
@@ -65,7 +66,7 @@ def distill_throughput(width: int, batch: int, steps: int, device: torch.device,
             if i:  # the first step warms up
                 times.append(time.perf_counter() - t0)
     med = sorted(times)[len(times) // 2]
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb() - rss0
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()
     return {"width": width, "batch": batch, "img_per_s": batch / med, "step_s": med, "peak_mem_mb": round(peak, 1)}
 
 
@@ -87,10 +88,20 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--json", default="bench-results/distill.json")
+    ap.add_argument("--single", type=int, nargs=2, metavar=("WIDTH", "BATCH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = resolve_device(args.device)
     amp = autocast_dtype(device, args.precision)
-    rows = [distill_throughput(w, b, args.steps, device, amp) for w in args.widths for b in args.batches]
+    if args.single:
+        print(json.dumps(distill_throughput(*args.single, args.steps, device, amp)))
+        return
+    rows = []
+    for w in args.widths:
+        for b in args.batches:
+            cmd = [sys.executable, __file__, "--single", str(w), str(b), "--steps", str(args.steps),
+                   "--device", args.device, "--precision", args.precision]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
     print(f"distillation step on {device} ({args.precision}, amp={amp})")
     print(f"{'width':>5} {'batch':>5} {'img/s':>8} {'step s':>7} {'peak MB':>8}")
     for r in rows:
