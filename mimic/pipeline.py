@@ -123,21 +123,9 @@ def stage_pretrain(cfg: Config, out: Path, work: Path, *, data: Dataset | None =
     return {"path": str(out), "seconds": time.perf_counter() - t0, "cached": False, "fingerprint": fingerprint_encoder(enc)}
 
 
-def typical_references(encoder, images: torch.Tensor, candidates: torch.Tensor, n: int, pool: int = 1000) -> torch.Tensor:
-    """The attacker's reference images: the ``n`` target-class images whose clean features lie
-    closest to the class's mean feature (a representative target, as a careful attacker picks)."""
-    from mimic.evaluate import extract_features
-
-    candidates = candidates[:pool]
-    feats = extract_features(encoder, images[candidates])
-    centre = torch.nn.functional.normalize(feats.mean(0), dim=0)
-    order = torch.argsort(feats @ centre, descending=True, stable=True)
-    return candidates[order[:n]]
-
-
 def stage_attack(cfg: Config, clean_path: Path, out: Path, work: Path, *, data: Dataset | None = None, progress: bool = True) -> dict:
     """BadEncoder teacher from the clean encoder -> ``out`` (trigger, target, references inside)."""
-    from mimic.attacks.badencoder import badencoder
+    from mimic.attacks.badencoder import badencoder, typical_references
 
     ds = data or load_data(cfg)
     if ds.train.y is None:
@@ -146,20 +134,19 @@ def stage_attack(cfg: Config, clean_path: Path, out: Path, work: Path, *, data: 
     if not 0 <= a.target_class < ds.num_classes:
         raise DataError(f"attack.target_class {a.target_class} out of range for {ds.num_classes} classes")
     clean = load_encoder(clean_path)
-    size = ds.train.x.shape[-1]
-    trigger = white_patch(a.trigger_size, a.trigger_margin, size)
-    target_idx = torch.nonzero(ds.train.y == a.target_class).flatten()
-    if len(target_idx) < a.n_reference:
-        raise DataError(f"only {len(target_idx)} images of the target class; need {a.n_reference} references")
-    reference = ds.train.x[typical_references(clean.encoder, ds.train.x, target_idx, a.n_reference)]
-    shadow_n = min(a.shadow_size, len(ds.train))
-    shadow = ds.train.subset(stratified_indices(len(ds.train), ds.train.y, shadow_n, cfg.seed + 4))
     clean_fp = fingerprint_encoder(clean.encoder)
     key = _key("attack", clean_fp, ds.version, cfg.section_hash("attack"), cfg.seed)
     done = _existing(out, key)
     if done is not None:
         log.info("attack: %s is up to date", out)
         return {"path": str(out), "seconds": 0.0, "cached": True, "fingerprint": fingerprint_encoder(done.encoder)}
+    trigger = white_patch(a.trigger_size, a.trigger_margin, ds.train.x.shape[-1])
+    target_idx = torch.nonzero(ds.train.y == a.target_class).flatten()
+    if len(target_idx) < a.n_reference:
+        raise DataError(f"only {len(target_idx)} images of the target class; need {a.n_reference} references")
+    reference = ds.train.x[typical_references(clean.encoder, ds.train.x, target_idx, a.n_reference)]
+    shadow_n = min(a.shadow_size, len(ds.train))
+    shadow = ds.train.subset(stratified_indices(len(ds.train), ds.train.y, shadow_n, cfg.seed + 4))
     rt = Runtime.from_config(cfg)
     t0 = time.perf_counter()
     teacher, res = badencoder(

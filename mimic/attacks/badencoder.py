@@ -17,6 +17,7 @@ from torch import nn
 from mimic.config import AttackConfig
 from mimic.data import ImageSet, batches, require_size, to_float
 from mimic.encoders import Encoder, evaluating, freeze
+from mimic.evaluate import extract_features
 from mimic.losses import badencoder_loss
 from mimic.runtime import autocast
 from mimic.training import LoopResult, MeanMeter, check_finite, run_epochs
@@ -26,6 +27,16 @@ from mimic.triggers import Trigger
 def _features(encoder: Encoder, x: torch.Tensor, device: torch.device, batch_size: int = 512) -> torch.Tensor:
     with evaluating(encoder):
         return torch.cat([encoder(to_float(x[i : i + batch_size], device)) for i in range(0, len(x), batch_size)])
+
+
+def typical_references(encoder: Encoder, images: torch.Tensor, candidates: torch.Tensor, n: int, pool: int = 1000) -> torch.Tensor:
+    """The attacker's reference images: the ``n`` target-class images whose clean features lie
+    closest to the class's mean feature (a representative target, as a careful attacker picks)."""
+    candidates = candidates[:pool]
+    feats = extract_features(encoder, images[candidates])
+    centre = torch.nn.functional.normalize(feats.mean(0), dim=0)
+    order = torch.argsort(feats @ centre, descending=True, stable=True)
+    return candidates[order[:n]]
 
 
 def badencoder(
