@@ -19,3 +19,8 @@ class ConfigError(MimicError):
 
 class TrainingDiverged(MimicError):
     """A loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class StoreError(MimicError):
+    """An artifact could not be stored or fetched: bad URI, missing bucket/object/credentials,
+    a network failure that outlasted the retries, or a transfer that failed verification."""

@@ -49,3 +49,50 @@ def write_npz(path: Path, n_train: int = 200, n_test: int = 100, classes: int = 
         y_test=(np.arange(n_test) % classes).astype(np.int64),
     )
     return path
+
+
+# --- loopback services (tests/services.py): a real moto S3 server, a fault-injecting proxy ---
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """URL (http://127.0.0.1:PORT) of a moto S3 server shared by the session; buckets isolate tests."""
+    from services import moto_server
+
+    with moto_server() as url:
+        yield url
+
+
+@pytest.fixture
+def s3_env(monkeypatch, s3_endpoint) -> str:
+    """Point boto3 at the moto server through its standard env vars; create and return a fresh bucket.
+
+    ~/.aws and instance metadata are shut out, so only these settings count.
+    """
+    import os
+    import uuid
+
+    import boto3
+
+    for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN",
+                "AWS_SECURITY_TOKEN", "AWS_REGION"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    bucket = f"test-{uuid.uuid4().hex[:16]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    return bucket
+
+
+@pytest.fixture
+def fault_proxy(s3_endpoint):
+    """A FaultProxy (tests/services.py) in front of the moto server; point clients at ``proxy.url``."""
+    from services import FaultProxy
+
+    with FaultProxy(s3_endpoint) as proxy:
+        yield proxy
