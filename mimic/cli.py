@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     _data_arg(p)
     p.add_argument("--out", required=True, metavar="PATH", help="where to write the encoder (.pt or .safetensors)")
     p.add_argument("--work", metavar="DIR", help="checkpoint directory (default: next to --out)")
+    p.add_argument("--init", metavar="PATH", help="start from this encoder's weights (SimCLR fine-tuning) instead of a fresh one")
+    p.add_argument("--clean-subset", action="store_true",
+                   help="train on the defender's clean set (data.clean_size stratified images) instead of the training split")
     _common(p)
 
     p = sub.add_parser("attack", help="make backdoored encoders (for tests and demos)")
@@ -159,13 +162,16 @@ def cmd_audit(args: argparse.Namespace) -> dict:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> dict:
-    from mimic.pipeline import stage_pretrain
+    from mimic.pipeline import git_revision, stage_pretrain
+    from mimic.runtime import environment, resolve_device
 
     cfg = _config(args)
     out = Path(args.out)
-    res = stage_pretrain(cfg, out, Path(args.work or out.parent / f".{out.name}.work"), progress=not args.quiet)
-    print(f"clean encoder: {res['path']} ({res['fingerprint'][:12]})")
-    return res
+    res = stage_pretrain(cfg, out, Path(args.work or out.parent / f".{out.name}.work"), progress=not args.quiet,
+                         init=Path(args.init) if args.init else None, clean=args.clean_subset)
+    what = "fine-tuned encoder" if args.init else "clean encoder"
+    print(f"{what}: {res['path']} ({res['fingerprint'][:12]})")
+    return {**res, "environment": {**environment(resolve_device(cfg.device)), "seed": cfg.seed, "git": git_revision()}}
 
 
 def cmd_attack(args: argparse.Namespace) -> dict:

@@ -99,28 +99,54 @@ def labelled_train(cfg: Config, ds: Dataset) -> ImageSet:
 # Stages
 
 
-def stage_pretrain(cfg: Config, out: Path, work: Path, *, data: Dataset | None = None, progress: bool = True) -> dict:
-    """SimCLR clean encoder -> ``out``."""
+def stage_pretrain(
+    cfg: Config, out: Path, work: Path, *, data: Dataset | None = None, progress: bool = True,
+    init: Path | None = None, clean: bool = False,
+) -> dict:
+    """SimCLR encoder -> ``out``: a clean encoder from scratch, or a fine-tuned one.
+
+    ``init``: start from this encoder file's weights (its architecture, not ``cfg.encoder``; its
+    fingerprint enters the cache key). ``clean``: train on the defender's clean set D
+    (``data.clean_size`` stratified images, the same D as distillation) instead of the training
+    split / ``pretrain.train_size``. Together they are the SimCLR fine-tuning baseline.
+    """
     from mimic.ssl import pretrain_simclr
 
     ds = data or load_data(cfg)
-    spec = EncoderSpec(cfg.encoder.arch, cfg.encoder.width)
-    images = ds.train
-    if 0 < cfg.pretrain.train_size < len(images):
-        images = images.subset(stratified_indices(len(images), images.y, cfg.pretrain.train_size, cfg.seed + 2))
-    key = _key("pretrain", ds.version, spec.to_meta(), cfg.section_hash("pretrain"), cfg.seed, cfg.pretrain.train_size)
+    start = load_encoder(init) if init is not None else None
+    spec = start.spec if start is not None else EncoderSpec(cfg.encoder.arch, cfg.encoder.width)
+    if clean:
+        images = clean_subset(cfg, ds)
+        subset = ("clean", cfg.data.clean_size)
+    else:
+        images = ds.train
+        if 0 < cfg.pretrain.train_size < len(images):
+            images = images.subset(stratified_indices(len(images), images.y, cfg.pretrain.train_size, cfg.seed + 2))
+        subset = cfg.pretrain.train_size
+    init_fp = fingerprint_encoder(start.encoder) if start is not None else None
+    parts: tuple = ("pretrain", ds.version, spec.to_meta(), cfg.section_hash("pretrain"), cfg.seed, subset)
+    if init_fp is not None:
+        parts += ("init", init_fp)
+    key = _key(*parts)
     done = _existing(out, key)
     if done is not None:
         log.info("pretrain: %s is up to date", out)
-        return {"path": str(out), "seconds": 0.0, "cached": True, "fingerprint": fingerprint_encoder(done.encoder)}
+        return {"path": str(out), "seconds": 0.0, "cached": True, "fingerprint": fingerprint_encoder(done.encoder),
+                "init": init_fp, "images": len(images)}
     rt = Runtime.from_config(cfg)
     t0 = time.perf_counter()
     enc, res = pretrain_simclr(
         images, spec, cfg.pretrain, seed=cfg.seed, work_dir=work / f"pretrain-{key}", key=key, device=rt.device,
-        amp_dtype=rt.amp, progress=progress,
+        amp_dtype=rt.amp, progress=progress, init=start.encoder if start is not None else None,
     )
-    save_encoder(out, enc, meta={"key": key, "stage": "pretrain", "data": ds.version, "history": res.history})
-    return {"path": str(out), "seconds": time.perf_counter() - t0, "cached": False, "fingerprint": fingerprint_encoder(enc)}
+    meta = {"key": key, "stage": "pretrain", "data": ds.version, "history": res.history}
+    extras = {}
+    if start is not None:
+        meta["init"] = init_fp
+        extras = dict(start.extras)  # a fine-tuned teacher keeps its trigger/target record (for ASR)
+    save_encoder(out, enc, meta=meta, extras=extras or None)
+    return {"path": str(out), "seconds": time.perf_counter() - t0, "cached": False, "fingerprint": fingerprint_encoder(enc),
+            "init": init_fp, "images": len(images), "history": res.history}
 
 
 def stage_attack(cfg: Config, clean_path: Path, out: Path, work: Path, *, data: Dataset | None = None, progress: bool = True) -> dict:

@@ -9,6 +9,7 @@ import torch
 from mimic.augment import simclr_augment
 from mimic.config import PretrainConfig
 from mimic.data import ImageSet, batches, require_size, to_float
+from mimic.errors import ConfigError
 from mimic.encoders import Encoder, EncoderSpec, ProjectionHead, build_encoder
 from mimic.losses import nt_xent
 from mimic.runtime import autocast, seed_torch
@@ -26,12 +27,24 @@ def pretrain_simclr(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     progress: bool = True,
+    init: Encoder | None = None,
 ) -> tuple[Encoder, LoopResult]:
-    """Train ``spec`` with SimCLR on ``images``; returns the encoder (CPU, eval) and the loop result."""
+    """Train ``spec`` with SimCLR on ``images``; returns the encoder (CPU, eval) and the loop result.
+
+    ``init``: start from a copy of this encoder's weights (SimCLR fine-tuning; ``init`` itself is not
+    modified) instead of a fresh random encoder. Its architecture must be ``spec``. The projection
+    head is always fresh.
+    """
     batch_size = min(cfg.batch_size, len(images))
     require_size(images, 2, "pre-training set")
     seed_torch(seed, "pretrain-init")
-    encoder = build_encoder(spec).to(device)
+    encoder = build_encoder(spec)
+    if init is not None:
+        if init.spec != spec:
+            raise ConfigError(f"pretrain: the initial encoder is {init.spec.name}, the run wants {spec.name}")
+        encoder.load_state_dict(init.state_dict())
+    encoder = encoder.to(device).train()
+    encoder.requires_grad_(True)
     head = ProjectionHead(encoder.feature_dim).to(device)
     optimizer = torch.optim.Adam(list(encoder.parameters()) + list(head.parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
