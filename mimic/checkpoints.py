@@ -70,6 +70,8 @@ _NPY_MAGIC = b"\x93NUMPY"
 _GZIP_MAGIC = b"\x1f\x8b"
 _TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first pickle of torch's legacy (non-zip) format
 _MAX_PICKLE_BYTES = 1 << 30  # refuse a data.pkl that claims to be larger than this (zip bomb)
+_MAX_FILE_BYTES = 2 << 30  # files are read into memory; resnet50 in fp32 is ~100 MB
+_ZIP_SLACK = 16 << 20  # a zip may expand to at most 2x its size + this (torch stores records uncompressed)
 _MAX_ST_HEADER = 100 * 1024 * 1024  # same limit as the safetensors library
 
 _ST_DTYPES: dict[str, int] = {
@@ -295,6 +297,13 @@ def _read_zip(data: bytes, source: str) -> object:
         names = archive.namelist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise _fail(source, f"truncated or corrupt zip archive ({exc})") from None
+    expanded = sum(info.file_size for info in archive.infolist())
+    if expanded > 2 * len(data) + _ZIP_SLACK:
+        raise _fail(
+            source,
+            f"refused: the zip records expand to {expanded} bytes from a {len(data)}-byte file "
+            "(a zip bomb? PyTorch stores checkpoint records uncompressed)",
+        )
     pickles = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
     if not pickles:
         if any(n.endswith(".npy") for n in names):
@@ -492,6 +501,11 @@ def read_raw(path: str | os.PathLike[str]) -> object:
     if p.is_dir():
         raise _fail(source, "is a directory, not a model file")
     try:
+        if not p.is_file():  # a FIFO or device would block or never end
+            raise _fail(source, "not a regular file (a pipe, socket or device?)")
+        size = p.stat().st_size
+        if size > _MAX_FILE_BYTES:
+            raise _fail(source, f"refused: {size} bytes is larger than the {_MAX_FILE_BYTES}-byte limit for model files")
         data = p.read_bytes()
     except OSError as exc:
         raise _fail(source, f"cannot read file ({exc.strerror or exc})") from None
@@ -724,6 +738,37 @@ class LoadedEncoder:
     ignored: tuple[str, ...]  # keys deliberately dropped (g.*, fc.*)
 
 
+def _label(name: str, origin: Mapping[str, str]) -> str:
+    return name if origin.get(name, name) == name else f"{name} ({origin[name]} in the file)"
+
+
+def _check_tensor_kinds(sd: Mapping[str, Tensor], origin: Mapping[str, str], source: str) -> None:
+    """Only dense CPU tensors with data: sparse, quantized, meta or nested tensors are refused."""
+    for name, t in sd.items():
+        if t.is_meta or t.device.type != "cpu":
+            what = "a meta tensor (it holds no data)" if t.is_meta else f"on device {t.device}"
+            raise _fail(source, f"tensor {_label(name, origin)} is {what}; only dense tensors with data are loaded")
+        if getattr(t, "is_nested", False) or t.layout != torch.strided:
+            kind = "nested" if getattr(t, "is_nested", False) else str(t.layout).replace("torch.", "")
+            raise _fail(source, f"tensor {_label(name, origin)} has layout {kind}; only dense tensors are loaded")
+        if t.is_quantized:
+            raise _fail(source, f"tensor {_label(name, origin)} is quantized ({t.dtype}); only float weights are loaded")
+
+
+def _check_dtypes(
+    sd: Mapping[str, Tensor], expected: Mapping[str, Tensor], origin: Mapping[str, str], source: str
+) -> None:
+    """A float parameter must come from a real float tensor (no ints, bools or complex numbers)."""
+    for k, ref in expected.items():
+        got = sd[k]
+        if got.is_complex() or (ref.is_floating_point() and not got.is_floating_point()):
+            raise _fail(
+                source,
+                f"dtype mismatch for {_label(k, origin)}: file has {str(got.dtype).replace('torch.', '')}, "
+                f"expected a floating-point tensor",
+            )
+
+
 def _check_finite(sd: Mapping[str, Tensor], origin: Mapping[str, str], source: str) -> None:
     for name, t in sd.items():
         if (t.is_floating_point() or t.is_complex()) and t.numel():
@@ -788,6 +833,7 @@ def load_encoder(
     source = os.fspath(path)
     raw = read_raw(path)
     sd, layout, spec_meta, ignored, origin = _canonical_with_origin(raw, source)
+    _check_tensor_kinds(sd, origin, source)
     payload = _mimic_payload(raw, source)
     meta, extras = (payload[2], payload[3]) if payload is not None else ({}, {})
 
@@ -837,6 +883,7 @@ def load_encoder(
     encoder = Encoder(final)
     expected = encoder.backbone.state_dict()
     sd = _match_keys(sd, expected, origin, source, final)
+    _check_dtypes(sd, expected, origin, source)
     _check_finite(sd, origin, source)
     try:
         encoder.backbone.load_state_dict(sd, strict=True)

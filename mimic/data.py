@@ -13,7 +13,13 @@ Source strings (``data.source``):
 * ``torchvision:cifar10:ROOT`` / ``torchvision:cifar100:ROOT`` / ``torchvision:stl10:ROOT`` -- an
   already downloaded torchvision dataset root (never downloads).
 
-Corrupt images in a folder are **skipped and counted** (``Dataset.skipped``), never silently used.
+Corrupt images in a folder are **skipped and counted** (``Dataset.skipped``, logged as a warning
+and recorded in the results), never silently used; a folder (or class folder) with no readable
+image is refused. Everything else that is wrong is refused with a one-line :class:`DataError`: an
+empty dataset, a wrong NPZ layout (missing ``x_train``, wrong shape, object arrays), labels that are
+not integers, negative, one per image, or not ``0..C-1`` with every class present in the training
+split (1-based labels, a stray or huge label), and test labels or class folders the training split
+does not have.
 """
 
 from __future__ import annotations
@@ -105,7 +111,38 @@ def _labels(y: np.ndarray, n: int, where: str, num_classes: int | None = None) -
     return torch.from_numpy(y)
 
 
+def _require_dense(y: Tensor, num_classes: int, where: str) -> None:
+    """Labels must be 0..C-1 with every class present in the training split.
+
+    A gap means 1-based labels (label 10 in a 10-class set), a stray label, or a huge label that
+    would make a probe with millions of outputs; an unlabelled set can simply omit the labels.
+    """
+    present = torch.unique(y).tolist()  # sorted; never allocates num_classes entries
+    n_empty = num_classes - len(present)
+    if n_empty:
+        empty, seen = [], set(present)
+        c = 0
+        while len(empty) < 5 and c < num_classes:
+            if c not in seen:
+                empty.append(c)
+            c += 1
+        shown = ", ".join(map(str, empty)) + (f" (and {n_empty - len(empty)} more)" if n_empty > len(empty) else "")
+        hint = " (1-based labels?)" if empty[0] == 0 else ""
+        raise DataError(
+            f"{where}: label {num_classes - 1} out of range for the {len(present)} classes present: labels must be "
+            f"0..C-1 with every class in the training split, no image has class {shown}{hint}; "
+            "omit the labels for an unlabelled set"
+        )
+
+
 def load_npz(path: Path) -> Dataset:
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if magic not in (b"PK\x03\x04", b"PK\x05\x06"):  # np.load would take anything else for a pickle
+        raise DataError(f"{path}: not a readable NPZ file (no zip archive: {'empty' if not magic else 'wrong magic bytes'})")
     try:
         with np.load(path, allow_pickle=False) as z:
             keys = set(z.files)
@@ -131,6 +168,7 @@ def load_npz(path: Path) -> Dataset:
     num_classes = 0
     if ytr is not None and len(ytr):
         num_classes = int(ytr.max()) + 1
+        _require_dense(ytr, num_classes, f"{path}:y_train")
         if test is not None and test.y is not None and len(test.y) and int(test.y.max()) >= num_classes:
             raise DataError(f"{path}: test label {int(test.y.max())} out of range for {num_classes} classes")
     return Dataset(
@@ -155,14 +193,24 @@ def _read_image(path: Path, size: int | None) -> np.ndarray | None:
         return None
 
 
-def _read_folder(root: Path, size: int | None) -> tuple[list[np.ndarray], list[int], list[str], int]:
+def _read_folder(
+    root: Path, size: int | None, classes: list[str] | None = None
+) -> tuple[list[np.ndarray], list[int], list[str], int]:
+    """Images of ``root`` (one sub-folder per class, or flat). ``classes``: the training split's
+    class names, which a test split's folders are mapped onto by name."""
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     images: list[np.ndarray] = []
     labels: list[int] = []
     skipped = 0
     if class_dirs:
         names = [p.name for p in class_dirs]
-        for label, d in enumerate(class_dirs):
+        if classes:
+            unknown = [n for n in names if n not in classes]
+            if unknown:
+                raise DataError(f"{root}: class folder(s) {', '.join(unknown[:5])} not among the training classes")
+        index = {n: i for i, n in enumerate(classes or names)}
+        for d in class_dirs:
+            before = len(images)
             for f in sorted(d.rglob("*")):
                 if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file():
                     img = _read_image(f, size)
@@ -170,8 +218,10 @@ def _read_folder(root: Path, size: int | None) -> tuple[list[np.ndarray], list[i
                         skipped += 1
                     else:
                         images.append(img)
-                        labels.append(label)
-        return images, labels, names, skipped
+                        labels.append(index[d.name])
+            if not classes and len(images) == before:
+                raise DataError(f"{d}: class folder has no readable images; remove it or add images")
+        return images, labels, classes or names, skipped
     for f in sorted(root.iterdir()):
         if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file():
             img = _read_image(f, size)
@@ -197,7 +247,7 @@ def load_folder(root: Path, size: int | None = None) -> Dataset:
     for split, d in parts:
         if not d.is_dir():
             continue
-        images, labels, split_names, bad = _read_folder(d, size)
+        images, labels, split_names, bad = _read_folder(d, size, names if split == "test" else None)
         skipped += bad
         if not images:
             raise DataError(f"{d}: no readable images ({bad} unreadable)")
@@ -207,6 +257,8 @@ def load_folder(root: Path, size: int | None = None) -> Dataset:
         splits[split] = ImageSet(x, y)
     train = splits["train"]
     test = splits.get("test")
+    if test is not None and test.x.shape[1:] != train.x.shape[1:]:
+        raise DataError(f"{root}: train and test images differ in shape ({list(train.x.shape[1:])} vs {list(test.x.shape[1:])})")
     num_classes = len(names)
     return Dataset(
         name=root.name,

@@ -11,6 +11,7 @@ last good epoch.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from tqdm.auto import tqdm
 from mimic.checkpoints import load_state, save_state
 from mimic.errors import CheckpointError, TrainingDiverged
 from mimic.runtime import generator
+
+log = logging.getLogger("mimic")
 
 EpochFn = Callable[[int, torch.Generator], dict[str, float]]
 
@@ -62,9 +65,13 @@ def _load_latest(work_dir: Path) -> dict | None:
     for path in (work_dir / "last.pt", work_dir / "prev.pt"):
         if path.exists():
             try:
-                return load_state(path)
+                state = load_state(path)
             except CheckpointError as exc:
                 errors.append(str(exc))
+                continue
+            if errors:
+                log.warning("%s; resuming from %s (epoch %s) instead", errors[0], path.name, state.get("epoch"))
+            return state
     if errors:
         raise CheckpointError(f"{errors[0]}; no readable checkpoint left, remove {work_dir} to start over")
     return None
@@ -100,6 +107,7 @@ def run_epochs(
         start = int(state["epoch"])
         result.history = list(state["history"])
         result.resumed_from = start
+        log.info("%s: resuming from epoch %d of %d (%s)", name, start, epochs, work_dir)
     t0 = time.perf_counter()
     bar = tqdm(range(start, epochs), desc=name, unit="epoch", disable=not progress, initial=start, total=epochs, leave=False)
     for epoch in bar:

@@ -372,3 +372,53 @@ def test_load_state_of_encoder_safetensors_is_refused(tmp_path, enc):
     save_encoder(tmp_path / "e.safetensors", enc)
     with pytest.raises(CheckpointError, match="not a training checkpoint"):
         load_state(tmp_path / "e.safetensors")
+
+
+# ---------------------------------------------------------------- accepted variants, refused kinds
+
+
+def test_half_and_double_weights_are_accepted(tmp_path, enc):
+    """Other float precisions are weights too: loaded as float32 (fp16 exactly)."""
+    half = {k: (v.half() if v.is_floating_point() else v) for k, v in backbone_sd(enc).items()}
+    torch.save(half, tmp_path / "h.pt")
+    got = load_encoder(tmp_path / "h.pt").encoder.backbone.state_dict()
+    for k, v in half.items():
+        assert got[k].dtype == enc.backbone.state_dict()[k].dtype and torch.equal(got[k], v.to(got[k].dtype)), k
+    torch.save({k: (v.double() if v.is_floating_point() else v) for k, v in backbone_sd(enc).items()}, tmp_path / "d.pt")
+    assert_same(load_encoder(tmp_path / "d.pt"), enc)
+
+
+def test_recompressed_checkpoint_still_loads(tmp_path, enc):
+    """The zip-bomb limit leaves room for an honestly deflate-compressed checkpoint."""
+    import zipfile
+
+    save_encoder(tmp_path / "e.pt", enc)
+    with zipfile.ZipFile(tmp_path / "e.pt") as zin, zipfile.ZipFile(tmp_path / "z.pt", "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info.filename))
+    assert_same(load_encoder(tmp_path / "z.pt"), enc)
+
+
+@pytest.mark.parametrize(
+    "make,word",
+    [
+        (lambda t: t.to_sparse(), "layout sparse_coo"),
+        (lambda t: torch.empty_like(t, device="meta"), "meta tensor"),
+        (lambda t: t.round().to(torch.int32), "dtype mismatch for bn1.weight (f.f.1.weight in the file): file has int32"),
+        (lambda t: t.to(torch.complex64), "file has complex64"),
+    ],
+)
+def test_non_dense_or_non_float_weights_are_named(tmp_path, enc, make, word):
+    sd = to_research(backbone_sd(enc))
+    sd["f.f.1.weight"] = make(sd["f.f.1.weight"])
+    torch.save({"state_dict": sd}, tmp_path / "odd.pt")
+    msg = error_of(tmp_path / "odd.pt")
+    assert word in msg and "bn1.weight" in msg
+
+
+def test_non_finite_weights_in_mimic_safetensors_are_refused(tmp_path, enc):
+    with torch.no_grad():
+        enc.backbone.layer2[0].bn2.running_mean[3] = float("nan")
+    save_encoder(tmp_path / "e.safetensors", enc)
+    msg = error_of(tmp_path / "e.safetensors")
+    assert "non-finite weights: tensor layer2.0.bn2.running_mean has 1 NaN values" in msg

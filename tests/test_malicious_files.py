@@ -2,15 +2,19 @@
 
 Every payload, if it were executed, would create a marker file; each test asserts the marker is
 absent afterwards. ``test_payloads_are_live`` proves the payloads really do work when unpickled.
+Every refused file also goes through the command line (``mimic fingerprint FILE``): exit status 2,
+exactly one line on stderr starting ``mimic: error:``, nothing on stdout, no traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import pickle
 import struct
+import subprocess
 import sys
 import tarfile
 import zipfile
@@ -22,6 +26,8 @@ import torch
 from safetensors.torch import save as st_save
 
 from mimic.checkpoints import load_encoder, load_state, read_raw
+from mimic.cli import main
+from mimic.encoders import Encoder, EncoderSpec
 from mimic.errors import CheckpointError
 
 EVIL_MODULE = "mimic_test_evil_module"
@@ -90,8 +96,29 @@ def evil_module(tmp_path, monkeypatch, marker) -> str:
     sys.modules.pop(EVIL_MODULE, None)
 
 
+def cli_fingerprint(path: Path) -> tuple[int, str, str]:
+    """``mimic fingerprint PATH`` in this process: (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(["fingerprint", str(path), "--quiet"])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def cli_refused(path: Path, *words: str) -> str:
+    """Assert ``mimic fingerprint PATH`` exits 2 with one ``mimic: error:`` line naming the file."""
+    rc, out, err = cli_fingerprint(path)
+    assert rc == 2, (rc, out, err)
+    assert out == "", out
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    assert err.startswith(f"mimic: error: {path}: "), err
+    assert "Traceback" not in err
+    for word in words:
+        assert word in err, err
+    return err
+
+
 def refused(path: Path, marker: Path, *words: str) -> str:
-    """Assert every loader refuses ``path`` with a one-line message and no marker appears."""
+    """Assert every loader and the CLI refuse ``path`` with a one-line message and no marker appears."""
     messages = []
     for loader in (read_raw, load_encoder, load_state):
         with pytest.raises(CheckpointError) as info:
@@ -102,6 +129,7 @@ def refused(path: Path, marker: Path, *words: str) -> str:
         assert msg.startswith(f"{path}: "), msg
         for word in words:
             assert word in msg, msg
+    cli_refused(path, *words)
     assert not marker.exists(), "payload executed!"
     assert EVIL_MODULE not in sys.modules
     return messages[0]
@@ -335,3 +363,158 @@ def test_plain_pickle_of_tensors_is_refused(tmp_path, marker):
     path = tmp_path / "teacher.pkl"
     path.write_bytes(pickle.dumps({"a": [1, 2, 3]}, protocol=4))
     refused(path, marker, "plain Python pickle")
+
+
+def test_safetensors_duplicate_keys_gaps_and_trailing_bytes(tmp_path, marker):
+    header, data = _valid_parts()
+    raw = json.dumps(header).encode()
+    dup = raw[:-1] + b', "a": ' + json.dumps(header["a"]).encode() + b"}"  # "a" twice: which one wins?
+    path = tmp_path / "dup.safetensors"
+    path.write_bytes(struct.pack("<Q", len(dup)) + dup + data)
+    refused(path, marker, "refused", "duplicate keys a")
+    gap = {"a": dict(header["a"], data_offsets=[16, 32])}
+    refused(_st_file(tmp_path / "gap.safetensors", gap, data), marker, "refused", "gap before tensor 'a'")
+    refused(_st_file(tmp_path / "tail.safetensors", header, data + b"\0" * 8), marker, "refused", "8 unaccounted bytes")
+
+
+def test_gzip_compressed_checkpoint(tmp_path, marker):
+    import gzip
+
+    buf = io.BytesIO()
+    torch.save({"x": Payload(marker)}, buf)
+    path = tmp_path / "teacher.pt.gz"
+    path.write_bytes(gzip.compress(buf.getvalue()))
+    refused(path, marker, "gzip-compressed")
+
+
+# ---------------------------------------------------------------- resource exhaustion
+
+
+def test_zip_bomb_is_refused_before_inflating(tmp_path, marker):
+    """A ~64 KiB checkpoint whose storage record inflates to 64 MiB is refused from the zip directory."""
+    benign = tmp_path / "benign.pt"
+    torch.save({"w": torch.zeros(4)}, benign)
+    path = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(benign) as zin, zipfile.ZipFile(path, "w") as zout:
+        for info in zin.infolist():
+            if info.filename.endswith("data/0"):
+                bomb = zipfile.ZipInfo(info.filename)
+                bomb.compress_type = zipfile.ZIP_DEFLATED
+                with zout.open(bomb, "w", force_zip64=True) as fh:
+                    chunk = bytes(1 << 20)
+                    for _ in range(64):
+                        fh.write(chunk)
+            else:
+                zout.writestr(info.filename, zin.read(info.filename))
+    assert path.stat().st_size < (1 << 20)
+    refused(path, marker, "refused", "zip bomb", "expand to 671")
+
+
+def test_fifo_is_refused_without_blocking(tmp_path, marker):
+    path = tmp_path / "teacher.pt"
+    os.mkfifo(path)  # reading it would block forever
+    refused(path, marker, "not a regular file")
+
+
+def test_oversized_file_is_refused_without_reading(tmp_path, marker):
+    path = tmp_path / "teacher.pt"
+    with open(path, "wb") as fh:  # sparse: 3 GiB apparent size, no disk used
+        fh.truncate(3 << 30)
+    refused(path, marker, "refused", "larger than the")
+
+
+def test_oversized_safetensors_header_is_refused(tmp_path, marker, monkeypatch):
+    from mimic import checkpoints
+
+    monkeypatch.setattr(checkpoints, "_MAX_ST_HEADER", 64)
+    header, data = _valid_parts()
+    header["__metadata__"] = {"pad": "x" * 100}
+    refused(_st_file(tmp_path / "big.safetensors", header, data), marker, "refused", "exceeds")
+
+
+# ---------------------------------------------------------------- well-formed files with wrong content
+
+
+def _sd(width: int = 4) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return {k: v.clone() for k, v in Encoder(EncoderSpec(width=width)).backbone.state_dict().items()}
+
+
+def _save(path: Path, sd: dict) -> Path:
+    torch.save(sd, path)
+    return path
+
+
+def test_wrong_architecture_through_cli(tmp_path):
+    import torchvision
+
+    path = _save(tmp_path / "r34.pt", torchvision.models.resnet34().state_dict())
+    cli_refused(path, "unsupported architecture", "resnet34")
+    vit = {"conv_proj.weight": torch.zeros(8, 3, 16, 16), "encoder.layers.0.ln.weight": torch.ones(8)}
+    cli_refused(_save(tmp_path / "vit.pt", vit), "no conv1.weight", "conv_proj.weight")
+    tv = _sd()
+    tv["conv1.weight"] = torch.zeros(4, 3, 5, 5)
+    cli_refused(_save(tmp_path / "k5.pt", tv), "unsupported architecture", "conv1 kernel 5x5")
+
+
+def test_missing_key_through_cli(tmp_path):
+    sd = _sd()
+    del sd["layer4.1.bn2.weight"]
+    cli_refused(_save(tmp_path / "m.pt", sd), "missing 1 key(s): layer4.1.bn2.weight")
+
+
+def test_unexpected_key_through_cli(tmp_path):
+    sd = _sd()
+    sd["layer2.0.extra.weight"] = torch.zeros(3)
+    cli_refused(_save(tmp_path / "u.pt", sd), "unexpected 1 key(s): layer2.0.extra.weight")
+
+
+def test_shape_mismatch_through_cli(tmp_path):
+    sd = _sd()
+    sd["layer3.0.bn1.running_var"] = torch.ones(5)
+    cli_refused(_save(tmp_path / "s.pt", sd), "shape mismatch for layer3.0.bn1.running_var", "[5]", "[16]")
+
+
+@pytest.mark.parametrize("value,word", [(float("nan"), "1 NaN"), (float("inf"), "1 Inf"), (float("-inf"), "1 Inf")])
+def test_non_finite_weights_through_cli(tmp_path, value, word):
+    sd = _sd()
+    sd["layer4.0.conv2.weight"].view(-1)[7] = value
+    cli_refused(_save(tmp_path / "nan.pt", sd), "non-finite weights", "tensor layer4.0.conv2.weight", word)
+    from safetensors.torch import save_file
+
+    st = tmp_path / "nan.safetensors"
+    save_file(sd, str(st))
+    cli_refused(st, "non-finite weights", "tensor layer4.0.conv2.weight", word)
+
+
+@pytest.mark.parametrize(
+    "make,words",
+    [
+        (lambda t: t.to_sparse(), ("layout sparse_coo",)),
+        (lambda t: torch.empty_like(t, device="meta"), ("meta tensor",)),
+        (lambda t: torch.quantize_per_tensor(t, 0.1, 0, torch.qint8), ("quantized",)),
+        (lambda t: t.to(torch.int64), ("dtype mismatch", "int64")),
+        (lambda t: t > 0, ("dtype mismatch", "bool")),
+        (lambda t: t.to(torch.complex64), ("dtype mismatch", "complex64")),
+    ],
+    ids=["sparse", "meta", "quantized", "int", "bool", "complex"],
+)
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_exotic_tensors_are_refused_not_converted(tmp_path, make, words):
+    """Tensors torch would silently convert or choke on (a traceback) are named and refused."""
+    sd = _sd()
+    sd["layer1.1.conv1.weight"] = make(sd["layer1.1.conv1.weight"])
+    cli_refused(_save(tmp_path / "odd.pt", sd), "layer1.1.conv1.weight", *words)
+
+
+def test_malicious_pickle_through_the_real_command(tmp_path, marker):
+    """The installed ``mimic`` executable: exit 2, one stderr line, no marker."""
+    path = tmp_path / "teacher.pt"
+    path.write_bytes(pickle.dumps({"state_dict": Payload(marker)}, protocol=2))
+    exe = Path(sys.executable).with_name("mimic")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mimic.cli"]
+    r = subprocess.run([*cmd, "fingerprint", str(path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"mimic: error: {path}: refused: the file contains pickled code"), r.stderr
+    assert not marker.exists()
