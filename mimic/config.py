@@ -125,6 +125,23 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class GateConfig:
+    """The registry gate: a sanitized student gets the ``alias`` only when it passes."""
+
+    max_asr: float          # student ASR (%) must be <= this
+    max_ca_drop: float      # teacher CA - student CA (points) must be <= this
+    require_asr: bool       # refuse when ASR could not be measured (no trigger known)
+    model_name: str         # registered model name in the MLflow registry
+    alias: str              # alias moved to a version that passes the gate
+    experiment: str         # MLflow experiment of the audit runs
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.max_asr <= 100, "gate.max_asr must be a percentage in 0..100")
+        _check(self.max_ca_drop >= 0, "gate.max_ca_drop must be >= 0")
+        _check(bool(self.model_name.strip()) and bool(self.alias.strip()), "gate.model_name and gate.alias must be non-empty")
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int
     device: str
@@ -136,6 +153,7 @@ class Config:
     mi: MIConfig
     distill: DistillConfig
     evaluate: EvaluateConfig
+    gate: GateConfig
     profile: str | None = field(default=None)
 
     def __post_init__(self) -> None:
@@ -165,8 +183,16 @@ _SECTIONS = {
     "mi": MIConfig,
     "distill": DistillConfig,
     "evaluate": EvaluateConfig,
+    "gate": GateConfig,
 }
 _TOP = ("seed", "device", "precision")
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Rebuild a :class:`Config` from ``Config.to_dict()`` (e.g. a logged config, a task parameter)."""
+    plain = {k: v for k, v in values.items() if k != "profile"}
+    cfg = load_config(extra=plain)
+    return dataclasses.replace(cfg, profile=values.get("profile"))
 
 
 def default_params_text() -> str:

@@ -24,3 +24,16 @@ class TrainingDiverged(MimicError):
 class StoreError(MimicError):
     """An artifact could not be stored or fetched: bad URI, missing bucket/object/credentials,
     a network failure that outlasted the retries, or a transfer that failed verification."""
+
+
+class ServiceUnavailable(MimicError):
+    """A network service (S3, MLflow) did not answer within the bounded retries. Local results are
+    kept; running the same command again when the service is back resumes without recomputing."""
+
+
+class StoreUnavailable(StoreError, ServiceUnavailable):
+    """The S3 endpoint failed every attempt (connection errors, timeouts, 5xx, throttling)."""
+
+
+class TrackingUnavailable(ServiceUnavailable):
+    """The MLflow tracking server could not be reached or kept failing."""

@@ -20,7 +20,7 @@ import torch
 
 from mimic.checkpoints import LoadedEncoder, load_encoder, save_encoder
 from mimic.config import Config
-from mimic.data import Dataset, ImageSet, load_dataset, stratified_indices
+from mimic.data import Dataset, ImageSet, content_hash, load_dataset, stratified_indices
 from mimic.encoders import EncoderSpec
 from mimic.errors import CheckpointError, DataError
 from mimic.fingerprint import fingerprint_encoder
@@ -306,11 +306,12 @@ def audit(
     log.info("teacher %s (%s, %s), clean set %d images of %s", fp[:12], teacher.spec.name, teacher.layout, len(clean), ds.name)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
-    mi = stage_mi(cfg, teacher, clean, out_dir, data_version=ds.version)
+    clean_ver = content_hash(clean.x, clean.y)
+    mi = stage_mi(cfg, teacher, clean, out_dir, data_version=clean_ver)
     seconds["mi"] = time.perf_counter() - t
     weights = [mi["weights"][s] for s in mi["stages"]]
     t = time.perf_counter()
-    student = stage_distill(cfg, teacher, clean, weights, out_dir, work, data_version=ds.version, progress=progress)
+    student = stage_distill(cfg, teacher, clean, weights, out_dir, work, data_version=clean_ver, progress=progress)
     seconds["distill"] = time.perf_counter() - t
     student_enc = load_encoder(student["path"])
     eval_ds = ds if eval_source is None else load_data(cfg, eval_source)

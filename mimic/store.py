@@ -52,7 +52,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from mimic.errors import StoreError
+from mimic.errors import StoreError, StoreUnavailable
 
 log = logging.getLogger("mimic")
 T = TypeVar("T")
@@ -449,7 +449,7 @@ class S3Store(Store):
                 log.warning("%s: %s attempt %d/%d failed (%s); retrying in %.2f s",
                             where, what, attempt + 1, self.retries, reason, delay)
                 time.sleep(delay)
-        raise StoreError(f"{where}: {what} failed after {self.retries} attempts: {reason}")
+        raise StoreUnavailable(f"{where}: {what} failed after {self.retries} attempts: {reason}")
 
     def _client_failure(self, what: str, where: str, status: int, code: str, message: str) -> StoreError:
         if code == "NoSuchBucket":

@@ -1,0 +1,1 @@
+"""Prefect flows: audit (one teacher), watch (scheduled audits of an incoming location)."""
