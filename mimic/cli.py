@@ -213,13 +213,20 @@ def cmd_mi(args: argparse.Namespace) -> dict:
 
 def cmd_distill(args: argparse.Namespace) -> dict:
     from mimic.checkpoints import load_encoder
-    from mimic.errors import ConfigError
-    from mimic.pipeline import clean_subset, load_data, stage_distill, stage_mi
+    from mimic.errors import ConfigError, DataError
+    from mimic.fingerprint import fingerprint_encoder
+    from mimic.pipeline import clean_subset, git_revision, load_data, stage_distill, stage_mi
+    from mimic.runtime import environment, resolve_device
+    from mimic.workspace import clean_version
 
     cfg = _config(args)
+    device = resolve_device(cfg.device)
     ds = load_data(cfg)
     teacher = load_encoder(args.teacher)
     clean = clean_subset(cfg, ds)
+    if len(clean) < max(cfg.distill.batch_size, 2):  # refuse before the MI stage writes anything
+        raise DataError(f"clean set: {len(clean)} images, fewer than one batch ({cfg.distill.batch_size}); "
+                        "add images or lower distill.batch_size")
     out = Path(args.out)
     if args.mi:
         try:
@@ -228,11 +235,18 @@ def cmd_distill(args: argparse.Namespace) -> dict:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"{args.mi}: not an mi.json written by `mimic mi` ({type(exc).__name__})") from None
     else:
-        mi = stage_mi(cfg, teacher, clean, out, data_version=ds.version)
+        mi = stage_mi(cfg, teacher, clean, out, data_version=clean_version(clean))
         weights = [mi["weights"][s] for s in mi["stages"]]
-    res = stage_distill(cfg, teacher, clean, weights, out, out / "work", data_version=ds.version, progress=not args.quiet)
+    res = stage_distill(cfg, teacher, clean, weights, out, out / "work", data_version=clean_version(clean), progress=not args.quiet)
     print(f"student: {res['path']} ({res['fingerprint'][:12]})")
-    return res
+    return {
+        **res,
+        "teacher": {"path": args.teacher, "fingerprint": fingerprint_encoder(teacher.encoder), "arch": teacher.spec.name,
+                    "layout": teacher.layout},
+        "data": {"source": cfg.data.source, "version": ds.version, "clean_version": clean_version(clean),
+                 "clean_images": len(clean), "skipped": ds.skipped},
+        "environment": {**environment(device), "seed": cfg.seed, "git": git_revision()},
+    }
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict:
