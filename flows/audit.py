@@ -122,7 +122,8 @@ def audit_flow(
     meta = {k: results[k] for k in ("teacher_ca", "teacher_asr", "student_ca", "student_asr", "verdict", "audit_key")}
     meta.update({"student_fingerprint": st["fingerprint"], "teacher_uri": teacher, "data_version": dv["data_version"]})
     t = time.perf_counter()
-    results["store"] = store_student_task.with_options(**net)(str(student_file), fp, meta, store)
+    # students/<teacher fingerprint>/<audit key>/: audits of one teacher with other params never overwrite each other
+    results["store"] = store_student_task.with_options(**net)(str(student_file), fp, meta, store, akey)
     seconds["store"] = time.perf_counter() - t
     write_json(results_path, results)
 

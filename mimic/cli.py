@@ -7,6 +7,7 @@ exit with status 2; an interrupted run exits 130 and resumes when the same comma
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -33,6 +34,15 @@ def _data_arg(p: argparse.ArgumentParser, required: bool = False, help_: str = "
     p.add_argument("--data", required=required, metavar="SRC", help=help_)
 
 
+def _pipeline_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("pipeline")
+    g.add_argument("--store", metavar="URI", help="where sanitized students go: a directory or s3://bucket/prefix "
+                   "(default: $MIMIC_STORE, else runs/store); S3 credentials/endpoint from the AWS_* variables")
+    g.add_argument("--cache", default="runs/cache", metavar="DIR", help="content-addressed stage outputs (default: runs/cache)")
+    g.add_argument("--no-track", action="store_true", help="skip MLflow logging and the registry gate")
+    g.add_argument("--retries", type=int, metavar="N", help="retries of the network steps (S3, MLflow; default 3)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mimic", description="Audit self-supervised image encoders for backdoors and sanitize them with MIMIC.")
     from mimic import __version__
@@ -45,13 +55,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="output directory (default: runs/demo)")
     _common(p)
 
-    p = sub.add_parser("audit", help="sanitize a teacher: MI -> distillation -> evaluation")
-    p.add_argument("--teacher", required=True, metavar="PATH", help="the encoder checkpoint to audit")
+    p = sub.add_parser("audit", help="audit a teacher (Prefect flow): MI -> distillation -> CA/ASR -> store -> MLflow registry gate")
+    p.add_argument("--teacher", required=True, metavar="PATH|S3URI", help="the encoder checkpoint to audit (a path or s3://bucket/key)")
     _data_arg(p, required=True, help_="clean images for distillation (synthetic, PATH.npz, folder, torchvision:NAME:ROOT)")
     p.add_argument("--eval-data", metavar="SRC", help="labelled downstream data for CA/ASR (default: --data)")
     p.add_argument("--trigger", metavar="NPZ", help="trigger file (BadEncoder layout) to measure ASR with")
     p.add_argument("--target-class", type=int, metavar="K", help="the attack's target class, to measure ASR")
-    p.add_argument("--out", metavar="DIR", help="output directory (default: runs/audit-<fingerprint>)")
+    p.add_argument("--out", metavar="DIR", help="output directory (default: runs/audits/<fingerprint>)")
+    _pipeline_args(p)
+    _common(p)
+
+    p = sub.add_parser("watch", help="scheduled audits: audit every new teacher under a directory or s3:// prefix")
+    p.add_argument("location", metavar="DIR|S3PREFIX", help="where incoming checkpoints arrive")
+    _data_arg(p, required=True, help_="clean images for distillation")
+    p.add_argument("--eval-data", metavar="SRC", help="labelled downstream data for CA/ASR (default: --data)")
+    when = p.add_mutually_exclusive_group(required=True)
+    when.add_argument("--once", action="store_true", help="run one tick now and exit")
+    when.add_argument("--cron", metavar="EXPR", help='serve the watch flow on a cron schedule, e.g. "*/15 * * * *"')
+    p.add_argument("--ledger", default="runs/watch", metavar="DIR", help="which fingerprints were audited (default: runs/watch)")
+    p.add_argument("--out-root", default="runs/audits", metavar="DIR", help="audit outputs go to DIR/<fingerprint> (default: runs/audits)")
+    _pipeline_args(p)
     _common(p)
 
     p = sub.add_parser("pretrain", help="SimCLR pre-training of a clean encoder")
@@ -145,20 +168,110 @@ def cmd_demo(args: argparse.Namespace) -> dict:
     return res
 
 
-def cmd_audit(args: argparse.Namespace) -> dict:
-    from mimic.checkpoints import load_encoder
-    from mimic.fingerprint import fingerprint_encoder
-    from mimic.pipeline import audit
+def _store_uri(args: argparse.Namespace) -> str | None:
+    import os
 
+    return args.store or os.environ.get("MIMIC_STORE") or None
+
+
+def _check_source(src: str | None, what: str) -> None:
+    from mimic.errors import DataError
+
+    if src and src != "synthetic" and not src.startswith(("torchvision:", "s3://")) and not Path(src).exists():
+        raise DataError(f"{what} {src}: no such file or directory")
+
+
+def cmd_audit(args: argparse.Namespace) -> dict:
     cfg = _config(args)
-    out = args.out
-    if out is None:
-        out = f"runs/audit-{fingerprint_encoder(load_encoder(args.teacher).encoder)[:12]}"
-    res = audit(cfg, args.teacher, args.data, Path(out), eval_source=args.eval_data, trigger_path=args.trigger,
-                target=args.target_class, progress=not args.quiet)
+    _check_source(args.data, "--data")
+    _check_source(args.eval_data, "--eval-data")
+    from mimic.workspace import describe_data, describe_teacher
+
+    # refuse unsafe teachers and unusable data here, in one line, before any orchestration starts
+    if not args.teacher.startswith("s3://"):
+        describe_teacher(args.teacher)
+    describe_data(cfg, args.data)
+    from flows.audit import audit_flow
+
+    with _quiet_tracebacks():
+        res = audit_flow(teacher=args.teacher, data=args.data, params=cfg.to_dict(), out=args.out, eval_data=args.eval_data,
+                         trigger=args.trigger, target=args.target_class, store=_store_uri(args), root=args.cache,
+                         track=not args.no_track, network_retries=args.retries, progress=not args.quiet)
     print(_table(res))
-    print(f"sanitized student: {res['student']['path']}")
+    reused = [k for k, v in res["cached"].items() if v]
+    print(f"verdict: {res['verdict']['verdict']} ({res['verdict']['reason']})")
+    if reused:
+        print(f"reused cached steps: {', '.join(reused)}")
+    print(f"sanitized student: {res['student']['file']} -> {res['store']['student_uri']}")
+    if "mlflow" in res:
+        reg = res["mlflow"]["registry"]
+        print(f"MLflow run {res['mlflow']['run_id']} ({res['mlflow']['tracking_uri']}); model {reg['name']} version {reg['version']}"
+              + (f", alias '{reg['alias']}'" if reg["alias_moved"] else f", alias '{reg['alias']}' not moved"))
     return res
+
+
+def cmd_watch(args: argparse.Namespace) -> dict:
+    cfg = _config(args)
+    _check_source(args.data, "--data")
+    _check_source(args.eval_data, "--eval-data")
+    from flows.watch import watch_flow
+
+    kwargs = dict(location=args.location, data=args.data, params=cfg.to_dict(), ledger=args.ledger, eval_data=args.eval_data,
+                  store=_store_uri(args), root=args.cache, out_root=args.out_root, track=not args.no_track,
+                  network_retries=args.retries, progress=False)
+    if args.cron:
+        from mimic.errors import ConfigError
+
+        try:
+            from cronsim import CronSim
+            from datetime import datetime
+
+            CronSim(args.cron, datetime.now())
+        except Exception as exc:  # noqa: BLE001 - cronsim raises CronSimError
+            raise ConfigError(f"--cron {args.cron!r}: not a cron expression ({exc})") from None
+        print(f"serving mimic-watch on {args.location} with schedule {args.cron!r} (Ctrl-C to stop)")
+        watch_flow.serve(name="mimic-watch", cron=args.cron, parameters=kwargs, print_starting_message=not args.quiet)
+        return {"served": True}
+    with _quiet_tracebacks():
+        res = watch_flow(**kwargs)
+    for a in res["audited"]:
+        print(f"audited {a['uri']} ({a['fingerprint'][:12]}): {a['verdict']}, student CA {_fmt(a['student_ca'])} ASR {_fmt(a['student_asr'])}")
+    for a in res["skipped"]:
+        print(f"already audited: {a['uri']} ({a['fingerprint'][:12]})")
+    for a in res["refused"]:
+        print(f"refused: {a['uri']}: {a['reason']}")
+    for a in res["failed"]:
+        print(f"failed: {a['uri']}: {a['error']}")
+    print(f"{len(res['audited'])} audited, {len(res['skipped'])} already seen, {len(res['refused'])} refused, {len(res['failed'])} failed")
+    return res
+
+
+class _DropMimicTracebacks(logging.Filter):
+    """Prefect logs task/flow failures with a traceback; for user errors (MimicError) one line is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, MimicError):
+            record.exc_info = None
+            record.exc_text = None
+            first = " ".join(record.getMessage().split("\n")[0].split())
+            if str(exc).split("\n")[0] not in first:
+                first = f"{first} ({type(exc).__name__}: {' '.join(str(exc).split())})"
+            record.msg, record.args = first, ()
+        return True
+
+
+@contextlib.contextmanager
+def _quiet_tracebacks():
+    flt = _DropMimicTracebacks()
+    loggers = [logging.getLogger(n) for n in ("prefect", "prefect.task_runs", "prefect.flow_runs", "prefect.task_engine", "prefect.flow_engine")]
+    for lg in loggers:
+        lg.addFilter(flt)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(flt)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> dict:
@@ -202,10 +315,12 @@ def cmd_fingerprint(args: argparse.Namespace) -> dict:
 def cmd_mi(args: argparse.Namespace) -> dict:
     from mimic.checkpoints import load_encoder
     from mimic.pipeline import clean_subset, load_data, stage_mi
+    from mimic.workspace import clean_version
 
     cfg = _config(args)
     ds = load_data(cfg)
-    res = stage_mi(cfg, load_encoder(args.teacher), clean_subset(cfg, ds), Path(args.out), data_version=ds.version)
+    clean = clean_subset(cfg, ds)
+    res = stage_mi(cfg, load_encoder(args.teacher), clean, Path(args.out), data_version=clean_version(clean))
     for s in res["stages"]:
         print(f"{s}: MI {res['mi'][s]:.4f}  weight {res['weights'][s]:.1f}")
     return res
@@ -277,6 +392,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
 COMMANDS = {
     "demo": cmd_demo,
     "audit": cmd_audit,
+    "watch": cmd_watch,
     "pretrain": cmd_pretrain,
     "attack": cmd_attack,
     "fingerprint": cmd_fingerprint,
@@ -289,6 +405,9 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="mimic: %(message)s", stream=sys.stderr)
+    if args.quiet:  # orchestration chatter (Prefect, MLflow) goes too; their warnings and errors still show
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(lambda r: r.levelno >= logging.WARNING)
     t0 = time.perf_counter()
     try:
         result = COMMANDS[args.command](args)

@@ -23,9 +23,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torchvision.models import resnet18 as tv_resnet18
-from torchvision.models import resnet50 as tv_resnet50
-from torchvision.models.resnet import BasicBlock
 
 from mimic.errors import ConfigError
 
@@ -70,6 +67,29 @@ class EncoderSpec:
             mean=tuple(float(v) for v in meta.get("mean", CIFAR10_MEAN)),  # type: ignore[arg-type]
             std=tuple(float(v) for v in meta.get("std", CIFAR10_STD)),  # type: ignore[arg-type]
         )
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock (same module names, parameter order and forward), defined here so
+    that building a CIFAR encoder does not import torchvision (2-3 s of start-up for every command)."""
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
 
 
 class CifarResNet18(nn.Module):
@@ -118,7 +138,9 @@ class Encoder(nn.Module):
             self.backbone: nn.Module = CifarResNet18(spec.width)
             self.feature_dim = 8 * spec.width
         else:
-            net = tv_resnet18(weights=None) if spec.arch == "resnet18" else tv_resnet50(weights=None)
+            from torchvision.models import resnet18, resnet50  # ImageNet architectures only
+
+            net = resnet18(weights=None) if spec.arch == "resnet18" else resnet50(weights=None)
             self.feature_dim = net.fc.in_features
             net.fc = nn.Identity()
             self.backbone = net

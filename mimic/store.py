@@ -712,8 +712,11 @@ def fetch(uri: str, cache_dir: str | Path, *, retries: int = 4, backoff: float =
     return store._download(key, target, head)
 
 
-def store_student(store: Store, teacher_fingerprint: str, student_path: str | Path, meta: dict) -> dict:
-    """Store a sanitized student under ``students/<fingerprint>/`` and its ``meta.json`` last.
+def store_student(store: Store, teacher_fingerprint: str, student_path: str | Path, meta: dict, run: str | None = None) -> dict:
+    """Store a sanitized student under ``students/<fingerprint>/[<run>/]`` and its ``meta.json`` last.
+
+    ``run`` (e.g. the audit key) separates audits of one teacher with different params, so a later
+    rejected audit never replaces an earlier sanitized student.
 
     ``meta.json`` (``meta`` plus ``sha256``, ``size``, ``teacher_fingerprint``, ``student_uri``)
     is written only after the student is stored and verified, so its presence means the upload is
@@ -723,15 +726,17 @@ def store_student(store: Store, teacher_fingerprint: str, student_path: str | Pa
     """
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", teacher_fingerprint) or teacher_fingerprint in (".", ".."):
         raise StoreError(f"invalid teacher fingerprint {teacher_fingerprint!r} (letters, digits, '.', '_', '-')")
+    if run is not None and (not re.fullmatch(r"[A-Za-z0-9_.-]+", run) or run in (".", "..")):
+        raise StoreError(f"invalid run name {run!r} (letters, digits, '.', '_', '-')")
     src = _source_file(student_path)
-    base = f"students/{teacher_fingerprint}"
+    base = f"students/{teacher_fingerprint}" + (f"/{run}" if run else "")
     student_key, meta_key = f"{base}/student{src.suffix}", f"{base}/meta.json"
     stored = store.sha256(student_key)
     if stored is not None and stored != _digest_file(src).sha256:
         store.delete(meta_key)
     put = store.put_file(src, student_key)
     record = {**meta, "sha256": put["sha256"], "size": put["size"], "teacher_fingerprint": teacher_fingerprint,
-              "student_uri": put["uri"]}
+              "student_uri": put["uri"], **({"run": run} if run else {})}
     written = store.put_json(record, meta_key)
     return {"student_uri": put["uri"], "meta_uri": written["uri"], "sha256": put["sha256"], "size": put["size"],
             "uploaded": put["uploaded"]}

@@ -40,6 +40,8 @@ def code_version() -> str:
     root = Path(__file__).resolve().parent
     h = hashlib.sha256()
     for p in sorted(root.rglob("*.py")) + sorted(root.glob("*.yaml")):
+        if p.name == "cli.py":  # the command line does not change what a stage computes
+            continue
         h.update(p.relative_to(root).as_posix().encode())
         h.update(p.read_bytes())
     return h.hexdigest()[:12]
@@ -92,6 +94,9 @@ def describe_data(cfg: Config, source: str) -> dict:
 
     ds = load_data(cfg, source)
     clean = clean_subset(cfg, ds)
+    if len(clean) < max(cfg.distill.batch_size, 2):
+        raise DataError(f"{source}: clean set of {len(clean)} images, fewer than one batch ({cfg.distill.batch_size}); "
+                        "add images or lower distill.batch_size")
     p = Path(source)
     if source != "synthetic" and not source.startswith("torchvision:") and p.exists():
         dvc = f"md5:{dvc_md5(p)}"

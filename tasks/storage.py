@@ -8,9 +8,9 @@ from tasks.common import NETWORK
 
 
 @task(name="store-student", **NETWORK)
-def store_student_task(student_file: str, teacher_fingerprint: str, meta: dict, store_uri: str | None) -> dict:
-    """Verified, atomic upload under ``students/<teacher fingerprint>/`` (student, then ``meta.json``)."""
+def store_student_task(student_file: str, teacher_fingerprint: str, meta: dict, store_uri: str | None, run: str | None = None) -> dict:
+    """Verified, atomic upload under ``students/<teacher fingerprint>/<run>/`` (student, then ``meta.json``)."""
     from mimic.store import open_store, store_student
 
     store = open_store(store_uri)
-    return {"store": store.uri, **store_student(store, teacher_fingerprint, student_file, meta)}
+    return {"store": store.uri, **store_student(store, teacher_fingerprint, student_file, meta, run)}

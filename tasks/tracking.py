@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -110,12 +111,14 @@ def log_audit(results_path: str, audit_key: str, artifacts: list[str], losses_pa
                              "uri": teacher["uri"]}, "teacher_fingerprint.json")
             import mimic
 
-            info = mlflow.pyfunc.log_model(
-                name="student", python_model=str(PYFUNC), artifacts={"student": student_file},
-                code_paths=[str(Path(mimic.__file__).parent)],
-                pip_requirements=[f"torch=={_version('torch')}", f"torchvision=={_version('torchvision')}", f"safetensors=={_version('safetensors')}",
-                                  f"numpy=={_version('numpy')}", f"pyyaml=={_version('pyyaml')}"],
-            )
+            with warnings.catch_warnings():  # "add type hints to predict": inputs are image arrays, documented in the model
+                warnings.simplefilter("ignore", UserWarning)
+                info = mlflow.pyfunc.log_model(
+                    name="student", python_model=str(PYFUNC), artifacts={"student": student_file},
+                    code_paths=[str(Path(mimic.__file__).parent)],
+                    pip_requirements=[f"torch=={_version('torch')}", f"torchvision=={_version('torchvision')}", f"safetensors=={_version('safetensors')}",
+                                      f"numpy=={_version('numpy')}", f"pyyaml=={_version('pyyaml')}"],
+                )
             mlflow.set_tag("mimic.model_uri", info.model_uri)
     return {"run_id": rid, "experiment_id": exp.experiment_id, "model_uri": info.model_uri, "reused": False,
             "tracking_uri": mlflow.get_tracking_uri()}

@@ -96,3 +96,38 @@ def fault_proxy(s3_endpoint):
 
     with FaultProxy(s3_endpoint) as proxy:
         yield proxy
+
+
+# --- the pipeline fronts (Prefect flows, MLflow): isolated per test, real local services ---
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Prefect's test harness: a temporary database and API for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def pipeline_env(prefect_harness, tmp_path, monkeypatch) -> Path:
+    """Run in ``tmp_path`` with a local MLflow store there (``sqlite:///.../mlflow.db``)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    monkeypatch.delenv("MIMIC_STORE", raising=False)
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def tiny_teachers(tmp_path_factory) -> dict[str, Path]:
+    """A clean tiny SimCLR encoder and a BadEncoder teacher made from it (profile tiny, synthetic data)."""
+    from mimic.pipeline import load_data, stage_attack, stage_pretrain
+
+    root = tmp_path_factory.mktemp("teachers")
+    cfg = load_config(profile="tiny")
+    ds = load_data(cfg)
+    stage_pretrain(cfg, root / "clean.pt", root / "work", data=ds, progress=False)
+    stage_attack(cfg, root / "clean.pt", root / "teacher.pt", root / "work", data=ds, progress=False)
+    return {"clean": root / "clean.pt", "teacher": root / "teacher.pt"}
