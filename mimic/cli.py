@@ -77,6 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     _pipeline_args(p)
     _common(p)
 
+    p = sub.add_parser("data", help="materialise the dataset (data.source) as one NPZ, for the DVC pipeline")
+    p.add_argument("--out", required=True, metavar="PATH", help="the NPZ to write (x_train, y_train, x_test, y_test)")
+    _common(p)
+
+    p = sub.add_parser("teacher", help="the pipeline's teacher: build the demo BadEncoder teacher or import teacher.source")
+    _data_arg(p, help_="dataset for the demo teacher (default: data.source)")
+    p.add_argument("--out", required=True, metavar="PATH", help="where to write the teacher (mimic .pt)")
+    p.add_argument("--work", metavar="DIR", help="checkpoints and the clean encoder (default: next to --out)")
+    _common(p)
+
     p = sub.add_parser("pretrain", help="SimCLR pre-training of a clean encoder")
     _data_arg(p)
     p.add_argument("--out", required=True, metavar="PATH", help="where to write the encoder (.pt or .safetensors)")
@@ -274,6 +284,24 @@ def _quiet_tracebacks():
             lg.removeFilter(flt)
 
 
+def cmd_data(args: argparse.Namespace) -> dict:
+    from mimic.pipeline import stage_data
+
+    res = stage_data(_config(args), Path(args.out))
+    print(f"data: {res['path']} ({res['train']} train / {res['test']} test images, {res['classes']} classes)")
+    return res
+
+
+def cmd_teacher(args: argparse.Namespace) -> dict:
+    from mimic.pipeline import stage_teacher
+
+    cfg = _config(args)
+    out = Path(args.out)
+    res = stage_teacher(cfg, out, Path(args.work or out.parent / f".{out.stem}.work"), data_source=args.data, progress=not args.quiet)
+    print(f"teacher: {res['path']} ({res['fingerprint'][:12]}, from {res['source']})")
+    return res
+
+
 def cmd_pretrain(args: argparse.Namespace) -> dict:
     from mimic.pipeline import git_revision, stage_pretrain
     from mimic.runtime import environment, resolve_device
@@ -323,6 +351,10 @@ def cmd_mi(args: argparse.Namespace) -> dict:
     res = stage_mi(cfg, load_encoder(args.teacher), clean, Path(args.out), data_version=clean_version(clean))
     for s in res["stages"]:
         print(f"{s}: MI {res['mi'][s]:.4f}  weight {res['weights'][s]:.1f}")
+    from mimic.pipeline import write_json
+
+    # one row per stage: the shape `dvc plots` reads
+    write_json(Path(args.out) / "mi_stages.json", {"stages": [{"stage": s, "mi": res["mi"][s], "weight": res["weights"][s]} for s in res["stages"]]})
     return res
 
 
@@ -393,6 +425,8 @@ COMMANDS = {
     "demo": cmd_demo,
     "audit": cmd_audit,
     "watch": cmd_watch,
+    "data": cmd_data,
+    "teacher": cmd_teacher,
     "pretrain": cmd_pretrain,
     "attack": cmd_attack,
     "fingerprint": cmd_fingerprint,

@@ -125,6 +125,16 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class TeacherConfig:
+    """The teacher of the DVC pipeline's ``teacher`` stage."""
+
+    source: str             # demo (SimCLR clean encoder + BadEncoder, from the pretrain/attack params) | PATH | s3://URI
+
+    def __post_init__(self) -> None:
+        _check(bool(self.source.strip()), "teacher.source must be 'demo', a path or an s3:// URI")
+
+
+@dataclass(frozen=True)
 class GateConfig:
     """The registry gate: a sanitized student gets the ``alias`` only when it passes."""
 
@@ -153,6 +163,7 @@ class Config:
     mi: MIConfig
     distill: DistillConfig
     evaluate: EvaluateConfig
+    teacher: TeacherConfig
     gate: GateConfig
     profile: str | None = field(default=None)
 
@@ -183,6 +194,7 @@ _SECTIONS = {
     "mi": MIConfig,
     "distill": DistillConfig,
     "evaluate": EvaluateConfig,
+    "teacher": TeacherConfig,
     "gate": GateConfig,
 }
 _TOP = ("seed", "device", "precision")

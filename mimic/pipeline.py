@@ -387,3 +387,52 @@ def demo(cfg: Config, out_dir: Path, *, progress: bool = True) -> dict:
     res["seconds"] = round(time.perf_counter() - t0, 2)
     write_json(out_dir / "results.json", res)
     return res
+
+
+# ---------------------------------------------------------------------------------------------
+# DVC-facing stages: data and teacher as files
+
+
+def stage_data(cfg: Config, out: Path) -> dict:
+    """Materialise ``data.source`` as one NPZ (x/y train and test, NHWC uint8) -- the pipeline's data."""
+    import numpy as np
+
+    ds = load_data(cfg)
+    arrays = {"x_train": ds.train.x.permute(0, 2, 3, 1).numpy()}
+    if ds.train.y is not None:
+        arrays["y_train"] = ds.train.y.numpy()
+    if ds.test is not None:
+        arrays["x_test"] = ds.test.x.permute(0, 2, 3, 1).numpy()
+        if ds.test.y is not None:
+            arrays["y_test"] = ds.test.y.numpy()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".npz")
+    os.close(fd)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return {"path": str(out), "version": ds.version, "train": len(ds.train), "test": len(ds.test or []),
+            "classes": ds.num_classes, "skipped": ds.skipped}
+
+
+def stage_teacher(cfg: Config, out: Path, work: Path, *, data_source: str | None = None, progress: bool = True) -> dict:
+    """``teacher.source``: ``demo`` builds a BadEncoder teacher (clean SimCLR encoder first); a path or
+    ``s3://`` URI is fetched, loaded safely and re-saved in mimic's format (trigger/target kept)."""
+    src = cfg.teacher.source
+    if src == "demo":
+        ds = load_data(cfg, data_source)
+        pre = stage_pretrain(cfg, work / "clean.pt", work, data=ds, progress=progress)
+        att = stage_attack(cfg, work / "clean.pt", out, work, data=ds, progress=progress)
+        return {"path": str(out), "source": "demo", "fingerprint": att["fingerprint"], "clean": pre["path"],
+                "seconds": pre["seconds"] + att["seconds"]}
+    from mimic.store import fetch
+
+    local = fetch(src, work / "fetched")
+    loaded = load_encoder(local)
+    fp = fingerprint_encoder(loaded.encoder)
+    extras = {k: v for k, v in loaded.extras.items() if k in ("trigger_patch", "trigger_mask", "target_class")}
+    save_encoder(out, loaded.encoder, meta={"stage": "teacher", "source": src, "layout": loaded.layout}, extras=extras)
+    return {"path": str(out), "source": src, "fingerprint": fp, "seconds": 0.0}
