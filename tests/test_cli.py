@@ -30,7 +30,8 @@ def research_checkpoint(encoder, path: Path) -> Path:
     return path
 
 
-def test_audit_of_research_layout_checkpoint_end_to_end(tiny_encoder, tmp_path, capsys):
+def test_audit_of_research_layout_checkpoint_end_to_end(tiny_encoder, pipeline_env, capsys):
+    tmp_path = pipeline_env
     teacher = research_checkpoint(tiny_encoder, tmp_path / "model_200.pth")
     data = write_npz(tmp_path / "d.npz", n_train=120, n_test=60)
     out = tmp_path / "audit"
@@ -42,17 +43,22 @@ def test_audit_of_research_layout_checkpoint_end_to_end(tiny_encoder, tmp_path, 
     assert res["teacher"]["layout"] == "research" and res["teacher"]["fingerprint"] == fingerprint_encoder(tiny_encoder)
     assert set(res["mi"]) == {"layer1", "layer2", "layer3", "layer4"}
     assert all(0 <= res[k] <= 100 for k in ("teacher_ca", "teacher_asr", "student_ca", "student_asr"))
-    student = load_encoder(out / "student.pt")
+    student = load_encoder(out / "student.safetensors")
     assert student.spec == load_encoder(teacher).spec
     assert student.meta["teacher_fingerprint"] == res["teacher"]["fingerprint"]
     for name in ("mi.json", "mi.png", "losses.json", "losses.png", "results.json"):
         assert (out / name).stat().st_size > 0
-    assert "student" in capsys.readouterr().out
-    # a second run reuses every stage's output
-    rc = main(["audit", "--teacher", str(teacher), "--data", str(data), "--profile", "tiny", "--out", str(out),
-               "--json", str(tmp_path / "r2.json"), "--quiet"])
+    stored = Path(res["store"]["student_uri"])
+    assert stored.is_file() and stored.is_relative_to(tmp_path / "runs" / "store")
+    printed = capsys.readouterr().out
+    assert "verdict:" in printed and "MLflow run" in printed
+    # a second run reuses every heavy step
+    rc = main(["audit", "--teacher", str(teacher), "--data", str(data), "--profile", "tiny", "--target-class", "1",
+               "--trigger", str(_trigger(tmp_path)), "--out", str(out), "--json", str(tmp_path / "r2.json"), "--quiet"])
     again = json.loads((tmp_path / "r2.json").read_text())
-    assert rc == 0 and again["student"]["cached"] and again["student"]["fingerprint"] == res["student"]["fingerprint"]
+    assert rc == 0 and all(again["cached"].values()), again["cached"]
+    assert again["student"]["fingerprint"] == res["student"]["fingerprint"]
+    assert again["mlflow"]["run_id"] == res["mlflow"]["run_id"]
 
 
 def _trigger(tmp_path: Path) -> Path:
@@ -103,7 +109,7 @@ def test_clean_set_smaller_than_a_batch_is_refused(tiny_encoder, tmp_path):
     data = write_npz(tmp_path / "d.npz", n_train=8, n_test=8)
     r = _cli("audit", "--teacher", str(tmp_path / "t.pt"), "--data", str(data), "--profile", "tiny", "--out", str(tmp_path / "o"), cwd=tmp_path)
     assert r.returncode == 2 and "fewer than one batch" in r.stderr
-    assert not (tmp_path / "o" / "student.pt").exists()
+    assert not (tmp_path / "o").exists() and not (tmp_path / "runs").exists()  # refused before anything is written
 
 
 def test_import_mimic_stays_light():

@@ -1,0 +1,121 @@
+"""Outages and concurrency, against real loopback services started here: an S3 endpoint that is
+down or drops uploads (moto behind a fault-injecting proxy), an MLflow tracking server that is down
+and then comes up (a real ``mlflow server`` process), and four audits of one teacher at once."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import pytest
+
+from mimic.config import load_config
+from mimic.errors import StoreUnavailable, TrackingUnavailable
+
+
+def _audit(teacher: Path, **kw):
+    from flows.audit import audit_flow
+
+    params = load_config(profile="tiny").to_dict()
+    return audit_flow(teacher=str(teacher), data="synthetic", params=params, progress=False, network_retries=0, **kw)
+
+
+def _objects(bucket: str, endpoint: str) -> list[str]:
+    listing = boto3.client("s3", endpoint_url=endpoint).list_objects_v2(Bucket=bucket)
+    return [o["Key"] for o in listing.get("Contents", [])]
+
+
+def test_s3_down_then_dropping_uploads_then_back(pipeline_env, tiny_teachers, s3_env, s3_endpoint, fault_proxy, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", fault_proxy.url)
+    store = f"s3://{s3_env}/out"
+    out = pipeline_env / "audit"
+
+    fault_proxy.refuse(True)
+    with pytest.raises(StoreUnavailable, match="attempts"):
+        _audit(tiny_teachers["teacher"], store=store, out=str(out), track=False)
+    results = json.loads((out / "results.json").read_text())  # local results are kept
+    assert results["student_ca"] is not None and (out / "student.safetensors").exists()
+    assert _objects(s3_env, s3_endpoint) == []
+
+    fault_proxy.heal()
+    fault_proxy.drop_uploads(after=1024)  # every upload body is cut off mid-way
+    with pytest.raises(StoreUnavailable):
+        _audit(tiny_teachers["teacher"], store=store, out=str(out), track=False)
+    assert _objects(s3_env, s3_endpoint) == []  # no partial object under the final key
+    uploads = boto3.client("s3", endpoint_url=s3_endpoint).list_multipart_uploads(Bucket=s3_env)
+    assert not uploads.get("Uploads")
+
+    fault_proxy.heal()
+    res = _audit(tiny_teachers["teacher"], store=store, out=str(out), track=False)
+    assert res["cached"]["distill"] and res["cached"]["mi"]  # the distillation was not repeated
+    keys = _objects(s3_env, s3_endpoint)
+    assert len(keys) == 2 and any(k.endswith("student.safetensors") for k in keys)
+
+
+def test_mlflow_down_then_back(pipeline_env, tiny_teachers, monkeypatch):
+    from services import free_port, stop_process, venv_program, wait_http
+
+    port = free_port()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    out = pipeline_env / "audit"
+    with pytest.raises(TrackingUnavailable, match="MLflow"):
+        _audit(tiny_teachers["teacher"], out=str(out))
+    assert json.loads((out / "results.json").read_text())["verdict"]["verdict"] in ("sanitized", "rejected")
+
+    server = subprocess.Popen(
+        [str(venv_program("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{pipeline_env / 'server.db'}",
+         "--artifacts-destination", str(pipeline_env / "server-artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=pipeline_env)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=90, proc=server)
+        res = _audit(tiny_teachers["teacher"], out=str(out))
+        assert res["cached"]["distill"] and res["cached"]["evaluate-student"]
+        from mlflow import MlflowClient
+
+        client = MlflowClient(f"http://127.0.0.1:{port}")
+        run = client.get_run(res["mlflow"]["run_id"])
+        assert run.data.tags["teacher_fingerprint"] == res["teacher"]["fingerprint"]
+        mv = client.get_model_version(res["config"]["gate"]["model_name"], res["mlflow"]["registry"]["version"])
+        assert mv.tags["verdict"] == res["verdict"]["verdict"]
+        # a repeated audit reuses the run and the version instead of duplicating them
+        again = _audit(tiny_teachers["teacher"], out=str(out))
+        assert again["mlflow"]["run_id"] == res["mlflow"]["run_id"] and again["mlflow"]["reused"]
+        assert again["mlflow"]["registry"]["version"] == res["mlflow"]["registry"]["version"]
+    finally:
+        stop_process(server)
+
+
+CONCURRENT = """
+import json, sys
+from mimic.config import load_config
+from mimic.workspace import run_distill, run_mi
+cfg = load_config(profile="tiny", sets=["distill.epochs=3"])
+mi = run_mi(cfg, sys.argv[1], "synthetic", sys.argv[2])
+res = run_distill(cfg, sys.argv[1], "synthetic", [mi["weights"][s] for s in mi["stages"]], sys.argv[2], progress=False)
+print(json.dumps(res))
+"""
+
+
+def test_four_concurrent_audits_of_one_teacher_distil_once(tiny_teachers, tmp_path):
+    root = tmp_path / "cache"
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT, str(tiny_teachers["teacher"]), str(root)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(4)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert sum(not r["reused"] for r in results) == 1, results  # one distilled, three waited and reused
+    assert len({r["fingerprint"] for r in results}) == 1 and len({r["student"] for r in results}) == 1
+    # a different teacher in parallel gets its own directory: no shared mutable state
+    other = subprocess.run([sys.executable, "-c", CONCURRENT, str(tiny_teachers["clean"]), str(root)],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert other.returncode == 0, other.stderr
+    assert json.loads(other.stdout.strip().splitlines()[-1])["dir"] != results[0]["dir"]
