@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-data", metavar="SRC", help="labelled downstream data for CA/ASR (default: --data)")
     when = p.add_mutually_exclusive_group(required=True)
     when.add_argument("--once", action="store_true", help="run one tick now and exit")
-    when.add_argument("--cron", metavar="EXPR", help='serve the watch flow on a cron schedule, e.g. "*/15 * * * *"')
+    when.add_argument("--cron", metavar="EXPR", help='a tick now, then on a cron schedule, e.g. "*/15 * * * *" '
+                      "(served as a Prefect deployment when PREFECT_API_URL points at a Prefect server)")
+    p.add_argument("--max-ticks", type=int, metavar="N", help="with --cron and no Prefect server: stop after N ticks")
     p.add_argument("--ledger", default="runs/watch", metavar="DIR", help="which fingerprints were audited (default: runs/watch)")
     p.add_argument("--out-root", default="runs/audits", metavar="DIR", help="audit outputs go to DIR/<fingerprint> (default: runs/audits)")
     _pipeline_args(p)
@@ -230,20 +232,14 @@ def cmd_watch(args: argparse.Namespace) -> dict:
                   store=_store_uri(args), root=args.cache, out_root=args.out_root, track=not args.no_track,
                   network_retries=args.retries, progress=False)
     if args.cron:
-        from mimic.errors import ConfigError
-
-        try:
-            from cronsim import CronSim
-            from datetime import datetime
-
-            CronSim(args.cron, datetime.now())
-        except Exception as exc:  # noqa: BLE001 - cronsim raises CronSimError
-            raise ConfigError(f"--cron {args.cron!r}: not a cron expression ({exc})") from None
-        print(f"serving mimic-watch on {args.location} with schedule {args.cron!r} (Ctrl-C to stop)")
-        watch_flow.serve(name="mimic-watch", cron=args.cron, parameters=kwargs, print_starting_message=not args.quiet)
-        return {"served": True}
+        return _serve_watch(args, watch_flow, kwargs)
     with _quiet_tracebacks():
         res = watch_flow(**kwargs)
+    _print_tick(res)
+    return res
+
+
+def _print_tick(res: dict) -> None:
     for a in res["audited"]:
         print(f"audited {a['uri']} ({a['fingerprint'][:12]}): {a['verdict']}, student CA {_fmt(a['student_ca'])} ASR {_fmt(a['student_asr'])}")
     for a in res["skipped"]:
@@ -253,7 +249,42 @@ def cmd_watch(args: argparse.Namespace) -> dict:
     for a in res["failed"]:
         print(f"failed: {a['uri']}: {a['error']}")
     print(f"{len(res['audited'])} audited, {len(res['skipped'])} already seen, {len(res['refused'])} refused, {len(res['failed'])} failed")
-    return res
+
+
+def _serve_watch(args: argparse.Namespace, watch_flow, kwargs: dict) -> dict:
+    """``--cron``: with a Prefect server (``PREFECT_API_URL``) serve a scheduled deployment; without one
+    (Prefect's local mode cannot schedule) run a tick now and then at each time of the schedule here."""
+    import os
+    from datetime import datetime
+
+    from mimic.errors import ConfigError
+
+    try:
+        from cronsim import CronSim, CronSimError
+
+        CronSim(args.cron, datetime.now())
+    except CronSimError as exc:
+        raise ConfigError(f"--cron {args.cron!r}: not a cron expression ({exc})") from None
+    if os.environ.get("PREFECT_API_URL"):
+        print(f"serving deployment mimic-watch on {args.location}, schedule {args.cron!r}, via {os.environ['PREFECT_API_URL']}")
+        watch_flow.serve(name="mimic-watch", cron=args.cron, parameters=kwargs, print_starting_message=not args.quiet)
+        return {"served": True}
+    print(f"no Prefect server configured (PREFECT_API_URL): scheduling {args.cron!r} here; Ctrl-C to stop")
+    ticks = []
+    schedule = CronSim(args.cron, datetime.now().astimezone())
+    while True:
+        with _quiet_tracebacks():
+            res = watch_flow(**kwargs)
+        _print_tick(res)
+        ticks.append({k: len(v) for k, v in res.items() if isinstance(v, list)})
+        if args.max_ticks and len(ticks) >= args.max_ticks:
+            return {"ticks": ticks}
+        now = datetime.now().astimezone()
+        nxt = next(schedule)
+        while nxt <= now:
+            nxt = next(schedule)
+        print(f"next tick at {nxt:%Y-%m-%d %H:%M %Z}")
+        time.sleep((nxt - now).total_seconds())
 
 
 class _DropMimicTracebacks(logging.Filter):
@@ -454,6 +485,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         msg = " ".join(str(exc).split())
         print(f"mimic: error: {msg}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        if args.debug or "Prefect API server" not in str(exc):
+            raise
+        print("mimic: error: Prefect's temporary local server did not start in time (a busy machine?); raise "
+              "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS or point PREFECT_API_URL at a running `prefect server start`",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mimic: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)

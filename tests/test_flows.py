@@ -127,3 +127,20 @@ def test_watch_audits_each_fingerprint_once(pipeline_env, tiny_teachers):
         assert Path(a["results"]).exists()
     second = watch_flow(location=str(incoming), data="synthetic", params=params, track=False)
     assert second["audited"] == [] and second["refused"] == [] and second["failed"] == [], second
+
+
+def test_watch_command_once_then_on_a_schedule(pipeline_env, tiny_teachers, capsys):
+    from mimic.cli import main
+
+    incoming = pipeline_env / "incoming"
+    incoming.mkdir()
+    shutil.copy(tiny_teachers["teacher"], incoming / "model-a.pt")
+    common = ["--data", "synthetic", "--profile", "tiny", "--no-track", "--quiet"]
+    assert main(["watch", str(incoming), "--once", *common, "--json", "tick1.json"]) == 0
+    assert len(json.loads(Path("tick1.json").read_text())["audited"]) == 1
+    assert "1 audited" in capsys.readouterr().out
+    # no Prefect server configured: --cron ticks here (first tick at once); nothing new to audit
+    assert main(["watch", str(incoming), "--cron", "*/5 * * * *", "--max-ticks", "1", *common]) == 0
+    assert "0 audited, 1 already seen" in capsys.readouterr().out
+    assert main(["watch", str(incoming), "--cron", "every minute", *common]) == 2
+    assert "not a cron expression" in capsys.readouterr().err
