@@ -154,23 +154,23 @@ def _stage_dir(root: str | Path, stage: str, key: str) -> Path:
 # Heavy steps
 
 
-def _clean(cfg: Config, source: str, expect: str | None) -> tuple[ImageSet, str]:
+def _inputs(cfg: Config, teacher_path: str, source: str, expect: str | None):
+    """(teacher, its fingerprint, clean set, clean-set hash); the hash must match ``expect`` when given."""
     from mimic.pipeline import clean_subset, load_data
 
+    teacher = load_encoder(teacher_path)
     clean = clean_subset(cfg, load_data(cfg, source))
     ver = clean_version(clean)
     if expect is not None and ver != expect:
         raise DataError(f"{source}: the data changed while the audit ran (clean set {ver[:12]} != {expect[:12]})")
-    return clean, ver
+    return teacher, fingerprint_encoder(teacher.encoder), clean, ver
 
 
 def run_mi(cfg: Config, teacher_path: str, data_source: str, root: str | Path, *, clean_ver: str | None = None) -> dict:
     """Per-stage MI + weights in ``ROOT/mi/<key>/`` (``mi.json``, ``mi.png``)."""
     from mimic.pipeline import stage_mi
 
-    teacher = load_encoder(teacher_path)
-    fp = fingerprint_encoder(teacher.encoder)
-    clean, ver = _clean(cfg, data_source, clean_ver)
+    teacher, fp, clean, ver = _inputs(cfg, teacher_path, data_source, clean_ver)
     key = mi_key(cfg, fp, ver)
     out = _stage_dir(root, "mi", key)
     with file_lock(out.with_suffix(".lock"), what=f"MI of {fp[:12]}"):
@@ -187,9 +187,7 @@ def run_distill(
     """MIMIC student in ``ROOT/distill/<key>/`` (``student.pt``, ``losses.json``, ``losses.png``, ``work/``)."""
     from mimic.pipeline import stage_distill
 
-    teacher = load_encoder(teacher_path)
-    fp = fingerprint_encoder(teacher.encoder)
-    clean, ver = _clean(cfg, data_source, clean_ver)
+    teacher, fp, clean, ver = _inputs(cfg, teacher_path, data_source, clean_ver)
     key = distill_key(cfg, fp, ver)
     out = _stage_dir(root, "distill", key)
     with file_lock(out.with_suffix(".lock"), what=f"distillation of {fp[:12]}"):
