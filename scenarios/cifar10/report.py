@@ -274,6 +274,8 @@ def render(rows: dict, img_rel: str, images: list[str]) -> str:
     for img in images:
         L.append(f"![{img}]({img_rel}/{img})\n")
 
+    L.append("## Compute\n")
+    L.extend(compute_lines())
     L.append("## Exact commands\n")
     L.append("```bash\n./setup.sh\nPATH=$PWD/.venv/bin:$PATH dvc repro scenarios/cifar10/dvc.yaml   # from the repository root\n"
              "python scenarios/cifar10/report.py write                           # this page (also the `report` stage)\n```\n")
@@ -289,6 +291,34 @@ def render(rows: dict, img_rel: str, images: list[str]) -> str:
     L.append("## What reproduced and what did not\n")
     L.extend(discussion(rows, gpu))
     return "\n".join(L) + "\n"
+
+
+def compute_lines() -> list[str]:
+    """Per-stage wall times from the stage records and metrics files, and their sum."""
+    items = []
+    for f in sorted((HERE / "records").glob("*.json")):
+        r = _load(f) or {}
+        if r.get("seconds") is not None and not r.get("cached"):
+            stage = f.stem[3:] if f.stem.startswith("mi-") else f.stem
+            kind = ("mi@" if f.stem.startswith("mi-") else {"clean": "pretrain", "teacher": "attack",
+                                                              "finetune": "finetune"}.get(f.stem, "distill@"))
+            items.append((kind + stage if kind.endswith("@") else kind, float(r["seconds"])))
+    for f in sorted((HERE / "metrics").glob("*.json")):
+        r = _load(f) or {}
+        if r.get("seconds") is not None:
+            items.append((f"evaluate@{f.stem}", float(r["seconds"])))
+    if not items:
+        return ["No stage has run yet.\n"]
+    total = sum(s for _, s in items)
+    threads = sorted({str((_load(f) or {}).get("environment", {}).get("threads")) for f in (HERE / "records").glob("*.json")} - {"None"})
+    out = [f"Sum of the stage wall times: **{total / 3600:.2f} h** ({len(items)} stages; torch threads per stage: "
+           f"{', '.join(threads) or '?'}). Training stages count their training loop, evaluation stages the whole "
+           f"command. The run used two stages at a time, one thread each, on a 2-core machine shared with other "
+           f"jobs, so the elapsed time was shorter than the sum and single stages ran slower than on an idle machine.\n",
+           "| stage | wall time |", "|---|---:|"]
+    out += [f"| {k} | {_dur(v)} |" for k, v in items]
+    out.append("")
+    return out
 
 
 def discussion(rows: dict, gpu: dict) -> list[str]:
