@@ -102,12 +102,15 @@ def fault_proxy(s3_endpoint):
 
 
 @pytest.fixture(scope="session")
-def prefect_harness():
-    """Prefect's test harness: a temporary database and API for the whole session."""
+def prefect_harness(tmp_path_factory):
+    """Prefect's test harness: a temporary database and API, and task results (the cache records)
+    in a session directory, so no cache survives from an earlier session."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path_factory.mktemp("prefect-results")}):
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
 
 
 @pytest.fixture
