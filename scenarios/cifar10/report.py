@@ -365,6 +365,15 @@ def discussion(rows: dict, gpu: dict) -> list[str]:
     else:
         out.append("")
         out.append("The main result (clean, teacher, MIMIC) has not been evaluated yet.")
+    mi = _load(HERE / "mi" / "teacher" / "mi.json")
+    if mi:
+        w = [float(v) for v in mi["weights"].values()]
+        out.append("")
+        out.append(f"*MI weighting:* on the teacher the stage weights span {min(w):.0f} to {max(w):.0f} "
+                   f"(ratio {max(w) / min(w):.2f}); with base {rows['_meta']['params']['mi']['base']:.0f} and scale "
+                   f"{rows['_meta']['params']['mi']['scale']:.0f} (the authors' values) and similar MI estimates per "
+                   f"stage, the weights are {'close to' if max(w) / min(w) < 1.5 else 'far from'} uniform, which bounds how "
+                   f"much the MI-vs-uniform ablation can differ at this scale.")
     out.append("")
     out.append(f"*Not reproduced / not run:* the paper's scale. `profiles.gpu` in `scenarios/cifar10/params.yaml` "
                f"holds it (width {gpu.get('encoder', {}).get('width', '?')}, SimCLR "
