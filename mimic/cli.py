@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from mimic.errors import MimicError
@@ -205,6 +206,8 @@ def cmd_audit(args: argparse.Namespace) -> dict:
     describe_data(cfg, args.data)
     from flows.audit import audit_flow
 
+    if args.quiet and not args.no_track:
+        _quiet_mlflow()
     with _quiet_tracebacks():
         res = audit_flow(teacher=args.teacher, data=args.data, params=cfg.to_dict(), out=args.out, eval_data=args.eval_data,
                          trigger=args.trigger, target=args.target_class, store=_store_uri(args), root=args.cache,
@@ -222,12 +225,21 @@ def cmd_audit(args: argparse.Namespace) -> dict:
     return res
 
 
+def _quiet_mlflow() -> None:
+    """MLflow installs its own INFO handler when imported; import it now and keep it to warnings."""
+    import mlflow  # noqa: F401 - configures the "mlflow" logger
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
 def cmd_watch(args: argparse.Namespace) -> dict:
     cfg = _config(args)
     _check_source(args.data, "--data")
     _check_source(args.eval_data, "--eval-data")
     from flows.watch import watch_flow
 
+    if args.quiet and not args.no_track:
+        _quiet_mlflow()
     kwargs = dict(location=args.location, data=args.data, params=cfg.to_dict(), ledger=args.ledger, eval_data=args.eval_data,
                   store=_store_uri(args), root=args.cache, out_root=args.out_root, track=not args.no_track,
                   network_retries=args.retries, progress=False)
@@ -473,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quiet:  # orchestration chatter (Prefect, MLflow) goes too; their warnings and errors still show
         for handler in logging.getLogger().handlers:
             handler.addFilter(lambda r: r.levelno >= logging.WARNING)
+    # MLflow asks for type hints on the student model's predict(); its input (image arrays) is documented instead
+    warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method", category=UserWarning)
     t0 = time.perf_counter()
     try:
         result = COMMANDS[args.command](args)

@@ -24,6 +24,8 @@ does not have.
 
 from __future__ import annotations
 
+import functools
+
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -297,7 +299,10 @@ def load_torchvision(spec: str) -> Dataset:
     return Dataset(name, ImageSet(x1, y1), ImageSet(x2, y2), int(y1.max()) + 1, content_hash(x1, y1, x2, y2), class_names=class_names)
 
 
+@functools.lru_cache(maxsize=2)
 def load_synthetic(n_train: int, n_test: int, seed: int) -> Dataset:
+    """The built-in dataset (generated from the seed; kept for the process: an audit reads it in
+    several steps). Treat the returned tensors as read-only."""
     from mimic.synthetic import CLASS_NAMES, make_synthetic
 
     xtr, ytr = make_synthetic(n_train, seed)
