@@ -199,13 +199,8 @@ def versus_baselines(rows: dict) -> list[str]:
             loss_s, loss_b = t[f"ca_{p}"] - s[f"ca_{p}"], t[f"ca_{p}"] - b[f"ca_{p}"]
             ca_ok = loss_s <= loss_b
             verdict = "MIMIC at least as good" if asr_ok and ca_ok else "**MIMIC not better**"
-            why = []
-            if not asr_ok:
-                why.append(f"higher ASR ({_fmt(s[f'asr_{p}'])} vs {_fmt(b[f'asr_{p}'])} %)")
-            if not ca_ok:
-                why.append(f"larger CA loss ({_fmt(loss_s)} vs {_fmt(loss_b)} points)")
-            detail = (f"ASR {_fmt(s[f'asr_{p}'])} vs {_fmt(b[f'asr_{p}'])} %, CA loss {_fmt(loss_s)} vs {_fmt(loss_b)} points"
-                      if not why else "; ".join(why))
+            detail = (f"ASR {_fmt(s[f'asr_{p}'])} vs {_fmt(b[f'asr_{p}'])} %{'' if asr_ok else ' (higher)'}, "
+                      f"CA loss {loss_s:+.1f} vs {loss_b:+.1f} points{'' if ca_ok else ' (larger)'}")
             parts.append(f"{p}: {verdict} ({detail})")
         lines.append(f"- vs {label}: " + "; ".join(parts) + ".")
     return lines
@@ -259,9 +254,22 @@ def render(rows: dict, img_rel: str, images: list[str]) -> str:
     vs = versus_baselines(rows)
     L.extend(vs)
     all_ok = all("not better" not in v and "not run" not in v for v in vs)
+    s_, t_ = rows.get("mimic"), rows.get("teacher")
+    done = [rows[n] for n, _, g in ROWS if g == "baseline" and n in rows]
+    if s_ and t_ and done:
+        for p in PROBES:
+            lower = all(s_[f"asr_{p}"] <= b[f"asr_{p}"] for b in done)
+            L.append(f"- {p} probe: MIMIC's ASR is {'the lowest' if lower else 'not the lowest'} among MIMIC and the "
+                     f"{len(done)} baseline(s) run ({_fmt(s_[f'asr_{p}'])} % vs "
+                     + ", ".join(f"{_fmt(b[f'asr_{p}'])}" for b in done)
+                     + f"), at a CA loss of {t_[f'ca_{p}'] - s_[f'ca_{p}']:+.1f} points (the acceptance allows 3).")
+        L.append("")
     L.append("")
     L.append(("**MIMIC is at least as good as every baseline on ASR at no more than its CA loss, on both probes.**"
-              if all_ok else "**MIMIC is not at least as good as every baseline on both probes: see the lines above.**") + "\n")
+              if all_ok else "**MIMIC is not at least as good as every baseline on both probes (strict criterion); not met or not run: "
+              + "; ".join(label.removeprefix("baseline: ") for (name, label, g), v in
+                          zip([r for r in ROWS if r[2] == "baseline"], [v for v in vs if v.startswith("- ")])
+                          if "not better" in v or "not run" in v) + ".**") + "\n")
 
     L.append("## MI per stage\n")
     for who in ("teacher", "student", "clean500", "clean1000"):
