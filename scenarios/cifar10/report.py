@@ -120,9 +120,21 @@ def _lock_cmds() -> dict[str, str]:
             for name, st in stages.items()}
 
 
+def _clean_size(name: str, params: dict, cmds: dict[str, str]) -> int | None:
+    """|D| of a distillation: its command's `--set data.clean_size=N`, else params.yaml's value."""
+    import re
+
+    cmd = cmds.get(f"distill@{name}")
+    if cmd is None:
+        return None
+    m = re.search(r"data\.clean_size=(\d+)", cmd)
+    return int(m.group(1)) if m else int(params["data"]["clean_size"])
+
+
 def collect() -> dict[str, dict]:
     """One row per encoder that has a metrics file: CA/ASR per probe, training/eval time, device, D."""
     params = _params()
+    cmds = _lock_cmds()
     n_train = _train_size(HERE / "../../../shared/data/cifar10.npz")
     rows: dict[str, dict] = {}
     for name, label, group in ROWS:
@@ -138,7 +150,7 @@ def collect() -> dict[str, dict]:
         elif name == "finetune":
             d_images = rec.get("images")
         else:
-            d_images = (rec.get("data") or {}).get("clean_images")
+            d_images = (rec.get("data") or {}).get("clean_images") or _clean_size(name, params, cmds)
         train_s = rec.get("seconds")
         if rec.get("cached"):
             train_s = None
