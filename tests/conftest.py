@@ -15,6 +15,16 @@ from mimic.encoders import Encoder, EncoderSpec, build_encoder
 SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10.npz"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest single-threaded (and do not thrash a shared CI box); use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_spec() -> EncoderSpec:
     return EncoderSpec(arch="cifar_resnet18", width=4)

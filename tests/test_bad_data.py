@@ -29,12 +29,7 @@ from mimic.errors import DataError
 OUTPUTS = ("student.pt", "mi.json", "mi.png", "losses.json", "losses.png")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
