@@ -134,6 +134,18 @@ def pipeline_env(prefect_harness, tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture(scope="session")
+def random_teacher(tmp_path_factory) -> Path:
+    """A randomly initialised width-4 encoder saved as a checkpoint: a teacher for tests that only
+    need the pipeline to run, not a meaningful backdoor."""
+    from mimic.checkpoints import save_encoder
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("random-teacher") / "teacher.pt"
+    save_encoder(path, Encoder(EncoderSpec(width=4)).eval())
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_teachers(tmp_path_factory) -> dict[str, Path]:
     """A clean tiny SimCLR encoder and a BadEncoder teacher made from it (profile tiny, synthetic data)."""
     from mimic.pipeline import load_data, stage_attack, stage_pretrain

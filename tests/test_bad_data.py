@@ -19,11 +19,9 @@ import torch
 from PIL import Image
 
 from conftest import write_npz
-from mimic.checkpoints import save_encoder
 from mimic.cli import main
 from mimic.config import load_config
 from mimic.data import ImageSet, load_dataset
-from mimic.encoders import Encoder, EncoderSpec
 from mimic.errors import DataError
 
 OUTPUTS = ("student.pt", "mi.json", "mi.png", "losses.json", "losses.png")
@@ -33,11 +31,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    save_encoder(path, Encoder(EncoderSpec(width=4)).eval())
-    return path
+def teacher(random_teacher) -> Path:
+    return random_teacher
 
 
 def npz(path: Path, **arrays) -> Path:

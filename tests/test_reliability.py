@@ -29,8 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mimic.checkpoints import load_encoder, load_state, save_encoder
-from mimic.encoders import Encoder, EncoderSpec
+from mimic.checkpoints import load_encoder, load_state
 from mimic.errors import CheckpointError
 from mimic.fingerprint import fingerprint_encoder
 from mimic.training import _load_latest
@@ -79,11 +78,8 @@ def student_fingerprint(out: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    save_encoder(path, Encoder(EncoderSpec(width=4)).eval())
-    return path
+def teacher(random_teacher) -> Path:
+    return random_teacher
 
 
 @pytest.fixture(scope="module")
