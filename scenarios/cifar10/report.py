@@ -2,6 +2,7 @@
 
     python report.py stamp FILE --params params.yaml --profile cpu   # add the environment to a JSON record
     python report.py write --out ../../docs/results.md --img ../../docs/img/cifar10
+    python report.py compare --rev HEAD --tol 1 --json compare.json  # a rerun vs the committed numbers
 
 Every number in docs/results.md is read from the JSON files the DVC stages wrote (metrics/*.json,
 records/*.json, mi/*/mi.json); nothing is typed by hand.
@@ -42,9 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     w = sub.add_parser("write")
     w.add_argument("--out", default=str(HERE.parent.parent / "docs" / "results.md"))
     w.add_argument("--img", default=str(HERE.parent.parent / "docs" / "img" / "cifar10"))
+    c = sub.add_parser("compare", help="compare the metrics in the working tree (a rerun) with those at a git revision")
+    c.add_argument("--rev", default="HEAD", help="the revision holding the reference numbers (default HEAD)")
+    c.add_argument("--tol", type=float, default=1.0, help="largest allowed |difference| in points (default 1)")
+    c.add_argument("--dir", default=str(HERE), help="the scenario folder (default: this script's)")
+    c.add_argument("--json", help="also write the comparison here")
     args = ap.parse_args(argv)
     if args.cmd == "stamp":
         cmd_stamp(args)
+    elif args.cmd == "compare":
+        return cmd_compare(args)
     else:
         cmd_write(args)
     return 0
@@ -425,6 +433,82 @@ def cmd_write(args: argparse.Namespace) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(rows, os.path.relpath(img_dir, out.parent), images))
     print(f"wrote {out} ({sum(1 for k in rows if not k.startswith('_'))} encoders)")
+
+
+# ---------------------------------------------------------------------------------------------
+# compare: does a rerun (e.g. `dvc repro` in a fresh clone) reproduce the committed numbers?
+
+
+def _git_show(root: Path, rev: str, rel: str) -> str | None:
+    import subprocess
+
+    r = subprocess.run(["git", "-C", str(root), "show", f"{rev}:./{rel}"], capture_output=True, text=True)
+    return r.stdout if r.returncode == 0 else None
+
+
+def _model_hashes(lock_text: str | None) -> dict[str, str]:
+    """md5 of every cached model (``*.pt``) a dvc.lock records, by path."""
+    import yaml
+
+    stages = ((yaml.safe_load(lock_text) if lock_text else None) or {}).get("stages", {})
+    return {o["path"]: o["md5"] for st in stages.values() for o in st.get("outs", [])
+            if o["path"].endswith(".pt") and "md5" in o}
+
+
+def compare(root: Path, rev: str, tol: float) -> dict:
+    """Every CA/ASR of metrics/*.json in ``root`` against the same file at ``rev``, and the model
+    hashes of its dvc.lock against those at ``rev`` (equal hashes: bit-identical models)."""
+    rows, missing = [], []
+    for name, _label, _group in ROWS:
+        ref_text, now = _git_show(root, rev, f"metrics/{name}.json"), _load(root / "metrics" / f"{name}.json")
+        if ref_text is None and now is None:
+            continue
+        if ref_text is None or now is None:
+            missing.append(f"metrics/{name}.json " + (f"not at {rev}" if ref_text is None else "not in the working tree"))
+            continue
+        ref, cur = json.loads(ref_text)["encoders"][name], now["encoders"][name]
+        for probe in PROBES:
+            for metric in ("ca", "asr"):
+                a, b = ref.get(probe, {}).get(metric), cur.get(probe, {}).get(metric)
+                rows.append({"encoder": name, "probe": probe, "metric": metric, "ref": a, "now": b,
+                             "delta": None if a is None or b is None else round(b - a, 2)})
+    if not rows and not missing:
+        missing.append(f"no metrics/*.json in {root} or at {rev}")
+    ref_models = _model_hashes(_git_show(root, rev, "dvc.lock"))
+    lock = root / "dvc.lock"
+    now_models = _model_hashes(lock.read_text() if lock.exists() else None)
+    models = {p: {"ref": ref_models.get(p), "now": now_models.get(p),
+                  "identical": ref_models.get(p) is not None and ref_models.get(p) == now_models.get(p)}
+              for p in sorted(set(ref_models) | set(now_models))}
+    deltas = [abs(r["delta"]) for r in rows if r["delta"] is not None]
+    bad = [r for r in rows if r["delta"] is None or abs(r["delta"]) > tol]
+    return {"rev": rev, "tolerance": tol, "rows": rows, "missing": missing,
+            "max_abs_delta": max(deltas, default=None), "outside_tolerance": len(bad),
+            "models": models, "models_identical": sum(m["identical"] for m in models.values()),
+            "reproduced": not bad and not missing}
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    root = Path(args.dir).resolve()
+    if _git_show(root, args.rev, "dvc.yaml") is None:
+        print(f"error: {root} at {args.rev!r} has no dvc.yaml (not a git checkout of the scenario, or an unknown revision)",
+              file=sys.stderr)
+        return 2
+    res = compare(root, args.rev, args.tol)
+    print(f"{'encoder':<16}{'probe':<8}{'metric':<7}{'ref':>7}{'now':>7}{'delta':>7}")
+    for r in res["rows"]:
+        flag = "" if r["delta"] is not None and abs(r["delta"]) <= args.tol else "  <-- outside"
+        print(f"{r['encoder']:<16}{r['probe']:<8}{r['metric']:<7}{_fmt(r['ref'], 2):>7}{_fmt(r['now'], 2):>7}"
+              f"{_fmt(r['delta'], 2):>7}{flag}")
+    for m in res["missing"]:
+        print(f"missing: {m}")
+    print(f"models bit-identical to {args.rev}: {res['models_identical']} of {len(res['models'])}")
+    verdict = "reproduced" if res["reproduced"] else "NOT reproduced"
+    print(f"{verdict}: max |delta| {_fmt(res['max_abs_delta'], 2)} points, tolerance {args.tol:g}, "
+          f"{res['outside_tolerance']} value(s) outside, {len(res['missing'])} missing")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    return 0 if res["reproduced"] else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,88 @@
+"""`scenarios/cifar10/report.py compare`: does a rerun reproduce the committed numbers?"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPORT = Path(__file__).resolve().parents[1] / "scenarios" / "cifar10" / "report.py"
+
+
+def metrics(name: str, ca: float, asr: float) -> str:
+    probes = {p: {"probe": p, "ca": ca + i, "asr": asr + i} for i, p in enumerate(("linear", "mlp"))}
+    return json.dumps({"encoders": {name: probes}, "target_class": 9, "seconds": 1.0})
+
+
+def lock(student_md5: str) -> str:
+    return (
+        "schema: '2.0'\nstages:\n"
+        "  distill@mimic:\n    cmd: mimic distill\n    outs:\n"
+        f"    - path: distill/mimic/student.pt\n      md5: {student_md5}\n      size: 1\n"
+        "    - path: records/mimic.json\n      md5: 0123\n      size: 1\n"
+    )
+
+
+def git(root: Path, *args: str) -> None:
+    subprocess.run(["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                   check=True, capture_output=True)
+
+
+@pytest.fixture
+def scenario(tmp_path) -> Path:
+    """A committed scenario folder: two encoders' metrics and a lock with one model."""
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "metrics" / "teacher.json").write_text(metrics("teacher", 46.0, 99.5))
+    (tmp_path / "metrics" / "mimic.json").write_text(metrics("mimic", 45.64, 5.06))
+    (tmp_path / "dvc.lock").write_text(lock("aaaa"))
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "add", ".")
+    git(tmp_path, "commit", "-qm", "reference")
+    return tmp_path
+
+
+def compare(root: Path, *extra: str) -> tuple[int, dict, str]:
+    out = root / "compare.json"
+    r = subprocess.run([sys.executable, str(REPORT), "compare", "--dir", str(root), "--json", str(out), *extra],
+                       capture_output=True, text=True)
+    return r.returncode, (json.loads(out.read_text()) if out.exists() else {}), r.stdout + r.stderr
+
+
+def test_a_rerun_within_tolerance_is_reproduced(scenario):
+    (scenario / "metrics" / "mimic.json").write_text(metrics("mimic", 46.5, 4.2))  # +0.86 CA, -0.86 ASR
+    rc, res, out = compare(scenario)
+    assert rc == 0, out
+    assert res["reproduced"] and res["max_abs_delta"] == pytest.approx(0.86)
+    assert len(res["rows"]) == 8  # 2 encoders x 2 probes x (CA, ASR)
+    assert res["models"]["distill/mimic/student.pt"]["identical"] is True  # records (*.json) are not models
+    assert list(res["models"]) == ["distill/mimic/student.pt"]
+    assert "reproduced: max |delta| 0.86 points" in out
+
+
+def test_a_value_outside_tolerance_fails_and_is_flagged(scenario):
+    (scenario / "metrics" / "mimic.json").write_text(metrics("mimic", 45.64, 7.2))  # ASR +2.14
+    (scenario / "dvc.lock").write_text(lock("bbbb"))
+    rc, res, out = compare(scenario)
+    assert rc == 1
+    assert not res["reproduced"] and res["outside_tolerance"] == 2  # linear and MLP ASR
+    assert res["models"]["distill/mimic/student.pt"] == {"ref": "aaaa", "now": "bbbb", "identical": False}
+    assert "<-- outside" in out and "NOT reproduced" in out
+    rc, res, _ = compare(scenario, "--tol", "3")
+    assert rc == 0 and res["reproduced"]
+
+
+def test_a_missing_rerun_is_not_reproduced(scenario):
+    (scenario / "metrics" / "mimic.json").unlink()
+    rc, res, out = compare(scenario)
+    assert rc == 1 and res["missing"] == ["metrics/mimic.json not in the working tree"]
+    assert "NOT reproduced" in out
+
+
+def test_unknown_revision_is_a_one_line_error(scenario):
+    rc, res, out = compare(scenario, "--rev", "no-such-rev")
+    assert rc == 2 and res == {}
+    assert out.strip().startswith("error:") and "Traceback" not in out and len(out.strip().splitlines()) == 1
