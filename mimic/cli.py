@@ -15,7 +15,7 @@ import time
 import warnings
 from pathlib import Path
 
-from mimic.errors import MimicError
+from mimic.errors import ConfigError, MimicError
 
 log = logging.getLogger("mimic")
 
@@ -26,6 +26,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--profile", metavar="NAME", help="a named profile of params.yaml (e.g. tiny, gpu)")
     g.add_argument("--set", dest="sets", action="append", default=[], metavar="STAGE.KEY=VALUE", help="override one parameter (repeatable)")
     g.add_argument("--device", help="auto | cpu | cuda[:N] (overrides the 'device' param)")
+    g.add_argument("--threads", type=int, metavar="N", help="CPU threads for PyTorch (default: PyTorch's, one per core); "
+                   "CPU results are bit-identical only at the same thread count")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     p.add_argument("--quiet", action="store_true", help="no progress bars or info lines")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -269,7 +271,6 @@ def _serve_watch(args: argparse.Namespace, watch_flow, kwargs: dict) -> dict:
     import os
     from datetime import datetime
 
-    from mimic.errors import ConfigError
 
     try:
         from cronsim import CronSim, CronSimError
@@ -403,7 +404,7 @@ def cmd_mi(args: argparse.Namespace) -> dict:
 
 def cmd_distill(args: argparse.Namespace) -> dict:
     from mimic.checkpoints import load_encoder
-    from mimic.errors import ConfigError, DataError
+    from mimic.errors import DataError
     from mimic.fingerprint import fingerprint_encoder
     from mimic.pipeline import clean_subset, git_revision, load_data, stage_distill, stage_mi
     from mimic.runtime import environment, resolve_device
@@ -479,6 +480,16 @@ COMMANDS = {
 }
 
 
+def _set_threads(n: int | None) -> None:
+    if n is None:
+        return
+    if n < 1:
+        raise ConfigError(f"--threads must be at least 1, got {n}")
+    import torch
+
+    torch.set_num_threads(n)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="mimic: %(message)s", stream=sys.stderr)
@@ -489,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method", category=UserWarning)
     t0 = time.perf_counter()
     try:
+        _set_threads(getattr(args, "threads", None))
         result = COMMANDS[args.command](args)
         if isinstance(result, dict):
             result.setdefault("seconds", round(time.perf_counter() - t0, 2))

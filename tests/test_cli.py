@@ -93,6 +93,7 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
         (["audit", "--teacher", str(tmp_path / "notes.pt"), "--data", str(data)], "notes.pt"),
         (["demo", "--set", "distill.epochs=-1"], "epochs"),
         (["demo", "--profile", "nope"], "unknown profile"),
+        (["demo", "--threads", "0"], "--threads must be at least 1"),
     ]
     for args, needle in cases:
         r = _cli(*args, cwd=tmp_path)
@@ -100,6 +101,19 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
         lines = [l for l in r.stderr.splitlines() if l.strip()]
         assert len(lines) == 1 and lines[0].startswith("mimic: error:") and needle in lines[0], (args, r.stderr)
         assert "Traceback" not in r.stderr
+
+
+def test_threads_option_sets_torch_threads(tiny_encoder, tmp_path):
+    from mimic.checkpoints import save_encoder
+
+    save_encoder(tmp_path / "e.pt", tiny_encoder)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert main(["fingerprint", str(tmp_path / "e.pt"), "--threads", "1", "--quiet"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_clean_set_smaller_than_a_batch_is_refused(tiny_encoder, tmp_path):

@@ -19,7 +19,8 @@ HERE = Path(__file__).resolve().parent
 
 
 def cmd_stamp(args: argparse.Namespace) -> None:
-    """Add ``environment`` (device, threads, torch) to a JSON record that lacks it."""
+    """Add ``environment`` (device, threads, torch) to a JSON record that lacks it. The stage ran in
+    another process, so its ``--threads`` is passed on to be recorded."""
     from mimic.config import load_config
     from mimic.pipeline import git_revision, write_json
     from mimic.runtime import environment, resolve_device
@@ -28,7 +29,10 @@ def cmd_stamp(args: argparse.Namespace) -> None:
     path = Path(args.file)
     rec = json.loads(path.read_text())
     if "environment" not in rec:
-        rec["environment"] = {**environment(resolve_device(cfg.device)), "seed": cfg.seed, "git": git_revision()}
+        env = environment(resolve_device(cfg.device))
+        if args.threads:
+            env["threads"] = args.threads
+        rec["environment"] = {**env, "seed": cfg.seed, "git": git_revision()}
         write_json(path, rec)
 
 
@@ -39,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("file")
     s.add_argument("--params")
     s.add_argument("--profile")
+    s.add_argument("--threads", type=int, help="the stage's --threads, so the record states what ran")
     s.add_argument("--quiet", action="store_true")
     w = sub.add_parser("write")
     w.add_argument("--out", default=str(HERE.parent.parent / "docs" / "results.md"))
