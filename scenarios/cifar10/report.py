@@ -321,9 +321,30 @@ def render(rows: dict, img_rel: str, images: list[str]) -> str:
             L.append(f"# {k}\n{cmds[k]}")
         L.append("```\n")
 
+    L.append("## Reproduction check\n")
+    L.extend(reproduction_lines())
     L.append("## What reproduced and what did not\n")
     L.extend(discussion(rows, gpu))
     return "\n".join(L) + "\n"
+
+
+def reproduction_lines() -> list[str]:
+    """From ``records/reproduction.json``: `report.py compare` run in a fresh clone after its `dvc repro`."""
+    rep = _load(HERE / "records" / "reproduction.json")
+    how = ("`git clone`, then `dvc repro scenarios/cifar10/dvc.yaml` (empty DVC cache, so every stage ran), then "
+           "`python scenarios/cifar10/report.py compare --rev HEAD --tol 1 --json records/reproduction.json`")
+    if not rep:
+        return [f"Not run yet: {how}, and copy `records/reproduction.json` here.\n"]
+    n = len(rep["rows"])
+    verdict = "**reproduced**" if rep["reproduced"] else "**not reproduced**"
+    lines = [f"A fresh clone of commit `{rep.get('commit', rep['rev'])[:12]}` ({how}; {rep.get('date', 'date not recorded')}): "
+             f"{verdict}. Largest |difference| over the {n} CA/ASR values: {_fmt(rep['max_abs_delta'], 2)} points "
+             f"(tolerance {rep['tolerance']:g}); {rep['outside_tolerance']} outside, {len(rep['missing'])} missing. "
+             f"Models bit-identical to the committed run (DVC md5): {rep['models_identical']} of {len(rep['models'])}."]
+    other = [f"{r['encoder']} {r['probe']} {r['metric'].upper()} {r['ref']} -> {r['now']}" for r in rep["rows"] if r["delta"]]
+    if other:
+        lines.append("Values that differ: " + "; ".join(other) + ".")
+    return lines + [""]
 
 
 def compute_lines() -> list[str]:
@@ -487,7 +508,12 @@ def compare(root: Path, rev: str, tol: float) -> dict:
               for p in sorted(set(ref_models) | set(now_models))}
     deltas = [abs(r["delta"]) for r in rows if r["delta"] is not None]
     bad = [r for r in rows if r["delta"] is None or abs(r["delta"]) > tol]
-    return {"rev": rev, "tolerance": tol, "rows": rows, "missing": missing,
+    import subprocess
+    from datetime import datetime, timezone
+
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", rev], capture_output=True, text=True).stdout.strip()
+    return {"rev": rev, "commit": head, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "tolerance": tol, "rows": rows, "missing": missing,
             "max_abs_delta": max(deltas, default=None), "outside_tolerance": len(bad),
             "models": models, "models_identical": sum(m["identical"] for m in models.values()),
             "reproduced": not bad and not missing}
