@@ -71,7 +71,13 @@ class EncoderSpec:
 
 class BasicBlock(nn.Module):
     """torchvision's ResNet BasicBlock (same module names, parameter order and forward), defined here so
-    that building a CIFAR encoder does not import torchvision (2-3 s of start-up for every command)."""
+    that building a CIFAR encoder does not import torchvision (2-3 s of start-up for every command).
+
+    The forward keeps torchvision's operation order on purpose: autograd sums the gradient
+    contributions of a tensor used several times (a block's input feeds conv1 and the shortcut; with
+    MIMIC's attention loss a stage output is used three times) in the order the operations ran, so
+    another order gives (slightly) different training runs. With this order training is
+    bit-identical to torchvision's block (tests/test_encoders.py)."""
 
     expansion = 1
 
@@ -86,10 +92,11 @@ class BasicBlock(nn.Module):
         self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        identity = x if self.downsample is None else self.downsample(x)  # after the main branch, as torchvision
+        out += identity
+        return self.relu(out)
 
 
 class CifarResNet18(nn.Module):

@@ -472,6 +472,16 @@ def _git_show(root: Path, rev: str, rel: str) -> str | None:
     return r.stdout if r.returncode == 0 else None
 
 
+def _md5(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.md5()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _model_hashes(lock_text: str | None) -> dict[str, str]:
     """md5 of every cached model (``*.pt``) a dvc.lock records, by path."""
     import yaml
@@ -482,8 +492,8 @@ def _model_hashes(lock_text: str | None) -> dict[str, str]:
 
 
 def compare(root: Path, rev: str, tol: float) -> dict:
-    """Every CA/ASR of metrics/*.json in ``root`` against the same file at ``rev``, and the model
-    hashes of its dvc.lock against those at ``rev`` (equal hashes: bit-identical models)."""
+    """Every CA/ASR of metrics/*.json in ``root`` against the same file at ``rev``, and the md5 of
+    every model file against the one ``rev``'s dvc.lock records (equal: bit-identical models)."""
     rows, missing = [], []
     for name, _label, _group in ROWS:
         ref_text, now = _git_show(root, rev, f"metrics/{name}.json"), _load(root / "metrics" / f"{name}.json")
@@ -500,9 +510,10 @@ def compare(root: Path, rev: str, tol: float) -> dict:
                              "delta": None if a is None or b is None else round(b - a, 2)})
     if not rows and not missing:
         missing.append(f"no metrics/*.json in {root} or at {rev}")
+    # the files themselves, not the working tree's dvc.lock: a fresh clone's lock still holds the
+    # committed hashes of every stage that has not rerun yet
     ref_models = _model_hashes(_git_show(root, rev, "dvc.lock"))
-    lock = root / "dvc.lock"
-    now_models = _model_hashes(lock.read_text() if lock.exists() else None)
+    now_models = {path: _md5(root / path) for path in ref_models if (root / path).is_file()}
     models = {p: {"ref": ref_models.get(p), "now": now_models.get(p),
                   "identical": ref_models.get(p) is not None and ref_models.get(p) == now_models.get(p)}
               for p in sorted(set(ref_models) | set(now_models))}
