@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -38,7 +39,9 @@ def scenario(tmp_path) -> Path:
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     (tmp_path / "metrics" / "teacher.json").write_text(metrics("teacher", 46.0, 99.5))
     (tmp_path / "metrics" / "mimic.json").write_text(metrics("mimic", 45.64, 5.06))
-    (tmp_path / "dvc.lock").write_text(lock("aaaa"))
+    (tmp_path / "distill" / "mimic").mkdir(parents=True)
+    (tmp_path / "distill" / "mimic" / "student.pt").write_bytes(b"weights")
+    (tmp_path / "dvc.lock").write_text(lock(hashlib.md5(b"weights").hexdigest()))
     git(tmp_path, "init", "-q")
     git(tmp_path, "add", ".")
     git(tmp_path, "commit", "-qm", "reference")
@@ -58,18 +61,19 @@ def test_a_rerun_within_tolerance_is_reproduced(scenario):
     assert rc == 0, out
     assert res["reproduced"] and res["max_abs_delta"] == pytest.approx(0.86)
     assert len(res["rows"]) == 8  # 2 encoders x 2 probes x (CA, ASR)
-    assert res["models"]["distill/mimic/student.pt"]["identical"] is True  # records (*.json) are not models
+    assert res["models"]["distill/mimic/student.pt"]["identical"] is True  # the file's md5 = the committed one
     assert list(res["models"]) == ["distill/mimic/student.pt"]
     assert "reproduced: max |delta| 0.86 points" in out
 
 
 def test_a_value_outside_tolerance_fails_and_is_flagged(scenario):
     (scenario / "metrics" / "mimic.json").write_text(metrics("mimic", 45.64, 7.2))  # ASR +2.14
-    (scenario / "dvc.lock").write_text(lock("bbbb"))
+    (scenario / "distill" / "mimic" / "student.pt").write_bytes(b"other weights")
     rc, res, out = compare(scenario)
     assert rc == 1
     assert not res["reproduced"] and res["outside_tolerance"] == 2  # linear and MLP ASR
-    assert res["models"]["distill/mimic/student.pt"] == {"ref": "aaaa", "now": "bbbb", "identical": False}
+    assert res["models"]["distill/mimic/student.pt"] == {
+        "ref": hashlib.md5(b"weights").hexdigest(), "now": hashlib.md5(b"other weights").hexdigest(), "identical": False}
     assert "<-- outside" in out and "NOT reproduced" in out
     rc, res, _ = compare(scenario, "--tol", "3")
     assert rc == 0 and res["reproduced"]
@@ -77,8 +81,10 @@ def test_a_value_outside_tolerance_fails_and_is_flagged(scenario):
 
 def test_a_missing_rerun_is_not_reproduced(scenario):
     (scenario / "metrics" / "mimic.json").unlink()
+    (scenario / "distill" / "mimic" / "student.pt").unlink()
     rc, res, out = compare(scenario)
     assert rc == 1 and res["missing"] == ["metrics/mimic.json not in the working tree"]
+    assert res["models"]["distill/mimic/student.pt"]["now"] is None and res["models_identical"] == 0
     assert "NOT reproduced" in out
 
 

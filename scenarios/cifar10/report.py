@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--tol", type=float, default=1.0, help="largest allowed |difference| in points (default 1)")
     c.add_argument("--dir", default=str(HERE), help="the scenario folder (default: this script's)")
     c.add_argument("--json", help="also write the comparison here")
+    c.add_argument("--note", help="a sentence recorded with the comparison (shown in docs/results.md)")
     args = ap.parse_args(argv)
     if args.cmd == "stamp":
         cmd_stamp(args)
@@ -329,21 +330,26 @@ def render(rows: dict, img_rel: str, images: list[str]) -> str:
 
 
 def reproduction_lines() -> list[str]:
-    """From ``records/reproduction.json``: `report.py compare` run in a fresh clone after its `dvc repro`."""
-    rep = _load(HERE / "records" / "reproduction.json")
-    how = ("`git clone`, then `dvc repro scenarios/cifar10/dvc.yaml` (empty DVC cache, so every stage ran), then "
-           "`python scenarios/cifar10/report.py compare --rev HEAD --tol 1 --json records/reproduction.json`")
-    if not rep:
-        return [f"Not run yet: {how}, and copy `records/reproduction.json` here.\n"]
-    n = len(rep["rows"])
-    verdict = "**reproduced**" if rep["reproduced"] else "**not reproduced**"
-    lines = [f"A fresh clone of commit `{rep.get('commit', rep['rev'])[:12]}` ({how}; {rep.get('date', 'date not recorded')}): "
-             f"{verdict}. Largest |difference| over the {n} CA/ASR values: {_fmt(rep['max_abs_delta'], 2)} points "
-             f"(tolerance {rep['tolerance']:g}); {rep['outside_tolerance']} outside, {len(rep['missing'])} missing. "
-             f"Models bit-identical to the committed run (DVC md5): {rep['models_identical']} of {len(rep['models'])}."]
-    other = [f"{r['encoder']} {r['probe']} {r['metric'].upper()} {r['ref']} -> {r['now']}" for r in rep["rows"] if r["delta"]]
-    if other:
-        lines.append("Values that differ: " + "; ".join(other) + ".")
+    """One bullet per ``records/reproduction*.json``: `report.py compare` run in a fresh clone after
+    its `dvc repro`, against the numbers committed in that clone."""
+    how = ("`git clone`, `dvc repro scenarios/cifar10/dvc.yaml` (empty DVC cache, so every stage runs), "
+           "`python scenarios/cifar10/report.py compare --rev HEAD --tol 1 --json records/reproduction-NAME.json`")
+    reps = [r for r in (_load(f) for f in sorted((HERE / "records").glob("reproduction*.json"))) if r]
+    if not reps:
+        return [f"Not run yet: {how}; copy the JSON into `records/` and rerun the `report` stage.\n"]
+    lines = [f"Each line is a fresh clone at a commit: {how}.\n"]
+    for rep in sorted(reps, key=lambda r: r.get("date", "")):
+        verdict = "**reproduced**" if rep["reproduced"] else "**not reproduced**"
+        line = (f"- `{rep.get('commit', rep['rev'])[:12]}` ({rep.get('date', 'date not recorded')}): {verdict}; largest "
+                f"|difference| over the {len(rep['rows'])} CA/ASR values {_fmt(rep['max_abs_delta'], 2)} points "
+                f"(tolerance {rep['tolerance']:g}), {rep['outside_tolerance']} outside, {len(rep['missing'])} missing; "
+                f"models bit-identical to the committed run: {rep['models_identical']} of {len(rep['models'])}.")
+        differ = [f"{r['encoder']} {r['probe']} {r['metric'].upper()} {r['delta']:+.2f}" for r in rep["rows"] if r["delta"]]
+        if differ:
+            line += " Differences: " + ", ".join(differ) + "."
+        if rep.get("note"):
+            line += " " + rep["note"]
+        lines.append(line)
     return lines + [""]
 
 
@@ -537,6 +543,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     res = compare(root, args.rev, args.tol)
+    if args.note:
+        res["note"] = args.note
     print(f"{'encoder':<16}{'probe':<8}{'metric':<7}{'ref':>7}{'now':>7}{'delta':>7}")
     for r in res["rows"]:
         flag = "" if r["delta"] is not None and abs(r["delta"]) <= args.tol else "  <-- outside"
