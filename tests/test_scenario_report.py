@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -18,13 +17,8 @@ def metrics(name: str, ca: float, asr: float) -> str:
     return json.dumps({"encoders": {name: probes}, "target_class": 9, "seconds": 1.0})
 
 
-def lock(student_md5: str) -> str:
-    return (
-        "schema: '2.0'\nstages:\n"
-        "  distill@mimic:\n    cmd: mimic distill\n    outs:\n"
-        f"    - path: distill/mimic/student.pt\n      md5: {student_md5}\n      size: 1\n"
-        "    - path: records/mimic.json\n      md5: 0123\n      size: 1\n"
-    )
+def record(fingerprint: str) -> str:
+    return json.dumps({"path": "distill/mimic/student.pt", "fingerprint": fingerprint, "seconds": 1.0})
 
 
 def git(root: Path, *args: str) -> None:
@@ -34,14 +28,14 @@ def git(root: Path, *args: str) -> None:
 
 @pytest.fixture
 def scenario(tmp_path) -> Path:
-    """A committed scenario folder: two encoders' metrics and a lock with one model."""
+    """A committed scenario folder: two encoders' metrics, one model record and one MI record."""
     (tmp_path / "metrics").mkdir()
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     (tmp_path / "metrics" / "teacher.json").write_text(metrics("teacher", 46.0, 99.5))
     (tmp_path / "metrics" / "mimic.json").write_text(metrics("mimic", 45.64, 5.06))
-    (tmp_path / "distill" / "mimic").mkdir(parents=True)
-    (tmp_path / "distill" / "mimic" / "student.pt").write_bytes(b"weights")
-    (tmp_path / "dvc.lock").write_text(lock(hashlib.md5(b"weights").hexdigest()))
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / "mimic.json").write_text(record("aaaa"))
+    (tmp_path / "records" / "mi-teacher.json").write_text(json.dumps({"fingerprint": "tttt", "seconds": 1.0}))
     git(tmp_path, "init", "-q")
     git(tmp_path, "add", ".")
     git(tmp_path, "commit", "-qm", "reference")
@@ -61,19 +55,18 @@ def test_a_rerun_within_tolerance_is_reproduced(scenario):
     assert rc == 0, out
     assert res["reproduced"] and res["max_abs_delta"] == pytest.approx(0.86)
     assert len(res["rows"]) == 8  # 2 encoders x 2 probes x (CA, ASR)
-    assert res["models"]["distill/mimic/student.pt"]["identical"] is True  # the file's md5 = the committed one
-    assert list(res["models"]) == ["distill/mimic/student.pt"]
+    assert res["models"] == {"distill/mimic/student.pt": {"ref": "aaaa", "now": "aaaa", "identical": True}}
+    assert res["models_identical"] == 1  # the MI record names no model
     assert "reproduced: max |delta| 0.86 points" in out
 
 
 def test_a_value_outside_tolerance_fails_and_is_flagged(scenario):
     (scenario / "metrics" / "mimic.json").write_text(metrics("mimic", 45.64, 7.2))  # ASR +2.14
-    (scenario / "distill" / "mimic" / "student.pt").write_bytes(b"other weights")
+    (scenario / "records" / "mimic.json").write_text(record("bbbb"))
     rc, res, out = compare(scenario)
     assert rc == 1
     assert not res["reproduced"] and res["outside_tolerance"] == 2  # linear and MLP ASR
-    assert res["models"]["distill/mimic/student.pt"] == {
-        "ref": hashlib.md5(b"weights").hexdigest(), "now": hashlib.md5(b"other weights").hexdigest(), "identical": False}
+    assert res["models"]["distill/mimic/student.pt"] == {"ref": "aaaa", "now": "bbbb", "identical": False}
     assert "<-- outside" in out and "NOT reproduced" in out
     rc, res, _ = compare(scenario, "--tol", "3")
     assert rc == 0 and res["reproduced"]
@@ -81,7 +74,7 @@ def test_a_value_outside_tolerance_fails_and_is_flagged(scenario):
 
 def test_a_missing_rerun_is_not_reproduced(scenario):
     (scenario / "metrics" / "mimic.json").unlink()
-    (scenario / "distill" / "mimic" / "student.pt").unlink()
+    (scenario / "records" / "mimic.json").unlink()
     rc, res, out = compare(scenario)
     assert rc == 1 and res["missing"] == ["metrics/mimic.json not in the working tree"]
     assert res["models"]["distill/mimic/student.pt"]["now"] is None and res["models_identical"] == 0

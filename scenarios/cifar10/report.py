@@ -343,7 +343,7 @@ def reproduction_lines() -> list[str]:
         line = (f"- `{rep.get('commit', rep['rev'])[:12]}` ({rep.get('date', 'date not recorded')}): {verdict}; largest "
                 f"|difference| over the {len(rep['rows'])} CA/ASR values {_fmt(rep['max_abs_delta'], 2)} points "
                 f"(tolerance {rep['tolerance']:g}), {rep['outside_tolerance']} outside, {len(rep['missing'])} missing; "
-                f"models bit-identical to the committed run: {rep['models_identical']} of {len(rep['models'])}.")
+                f"models with weights bit-identical to the committed run: {rep['models_identical']} of {len(rep['models'])}.")
         differ = [f"{r['encoder']} {r['probe']} {r['metric'].upper()} {r['delta']:+.2f}" for r in rep["rows"] if r["delta"]]
         if differ:
             line += " Differences: " + ", ".join(differ) + "."
@@ -478,28 +478,33 @@ def _git_show(root: Path, rev: str, rel: str) -> str | None:
     return r.stdout if r.returncode == 0 else None
 
 
-def _md5(path: Path) -> str:
-    import hashlib
+def _weight_fingerprints(records: dict[str, str | None]) -> dict[str, str]:
+    """Weight fingerprint of every model a stage record names (``path`` + ``fingerprint``, the
+    content hash of the weights, see mimic.fingerprint), by model path. Not the file's md5: a
+    checkpoint also holds metadata (cache keys) that may change while the weights do not."""
+    out = {}
+    for text in records.values():
+        try:
+            rec = json.loads(text) if text else None
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and str(rec.get("path", "")).endswith(".pt") and rec.get("fingerprint"):
+            out[rec["path"]] = rec["fingerprint"]
+    return out
 
-    h = hashlib.md5()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
+def _record_names(root: Path, rev: str) -> list[str]:
+    import subprocess
 
-def _model_hashes(lock_text: str | None) -> dict[str, str]:
-    """md5 of every cached model (``*.pt``) a dvc.lock records, by path."""
-    import yaml
-
-    stages = ((yaml.safe_load(lock_text) if lock_text else None) or {}).get("stages", {})
-    return {o["path"]: o["md5"] for st in stages.values() for o in st.get("outs", [])
-            if o["path"].endswith(".pt") and "md5" in o}
+    r = subprocess.run(["git", "-C", str(root), "ls-tree", "--name-only", rev, "./records/"], capture_output=True, text=True)
+    names = [Path(line).name for line in r.stdout.splitlines()]
+    return [n for n in names if n.endswith(".json") and not n.startswith("reproduction")]
 
 
 def compare(root: Path, rev: str, tol: float) -> dict:
-    """Every CA/ASR of metrics/*.json in ``root`` against the same file at ``rev``, and the md5 of
-    every model file against the one ``rev``'s dvc.lock records (equal: bit-identical models)."""
+    """Every CA/ASR of metrics/*.json in ``root`` against the same file at ``rev``, and the weight
+    fingerprint of every model the stage records name against the one recorded at ``rev`` (equal:
+    bit-identical weights)."""
     rows, missing = [], []
     for name, _label, _group in ROWS:
         ref_text, now = _git_show(root, rev, f"metrics/{name}.json"), _load(root / "metrics" / f"{name}.json")
@@ -516,13 +521,11 @@ def compare(root: Path, rev: str, tol: float) -> dict:
                              "delta": None if a is None or b is None else round(b - a, 2)})
     if not rows and not missing:
         missing.append(f"no metrics/*.json in {root} or at {rev}")
-    # the files themselves, not the working tree's dvc.lock: a fresh clone's lock still holds the
-    # committed hashes of every stage that has not rerun yet
-    ref_models = _model_hashes(_git_show(root, rev, "dvc.lock"))
-    now_models = {path: _md5(root / path) for path in ref_models if (root / path).is_file()}
-    models = {p: {"ref": ref_models.get(p), "now": now_models.get(p),
-                  "identical": ref_models.get(p) is not None and ref_models.get(p) == now_models.get(p)}
-              for p in sorted(set(ref_models) | set(now_models))}
+    names = _record_names(root, rev)
+    ref_models = _weight_fingerprints({n: _git_show(root, rev, f"records/{n}") for n in names})
+    now_models = _weight_fingerprints({n: (root / "records" / n).read_text() for n in names if (root / "records" / n).is_file()})
+    models = {p: {"ref": ref_models[p], "now": now_models.get(p), "identical": ref_models[p] == now_models.get(p)}
+              for p in sorted(ref_models)}
     deltas = [abs(r["delta"]) for r in rows if r["delta"] is not None]
     bad = [r for r in rows if r["delta"] is None or abs(r["delta"]) > tol]
     import subprocess
@@ -552,7 +555,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
               f"{_fmt(r['delta'], 2):>7}{flag}")
     for m in res["missing"]:
         print(f"missing: {m}")
-    print(f"models bit-identical to {args.rev}: {res['models_identical']} of {len(res['models'])}")
+    print(f"models with weights bit-identical to {args.rev}: {res['models_identical']} of {len(res['models'])}")
     verdict = "reproduced" if res["reproduced"] else "NOT reproduced"
     print(f"{verdict}: max |delta| {_fmt(res['max_abs_delta'], 2)} points, tolerance {args.tol:g}, "
           f"{res['outside_tolerance']} value(s) outside, {len(res['missing'])} missing")
