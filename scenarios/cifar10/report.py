@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -471,11 +473,14 @@ def cmd_write(args: argparse.Namespace) -> None:
 # compare: does a rerun (e.g. `dvc repro` in a fresh clone) reproduce the committed numbers?
 
 
-def _git_show(root: Path, rev: str, rel: str) -> str | None:
-    import subprocess
-
-    r = subprocess.run(["git", "-C", str(root), "show", f"{rev}:./{rel}"], capture_output=True, text=True)
+def _git(root: Path, *args: str) -> str | None:
+    """stdout of a git command run in ``root``; None when it fails."""
+    r = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
     return r.stdout if r.returncode == 0 else None
+
+
+def _git_show(root: Path, rev: str, rel: str) -> str | None:
+    return _git(root, "show", f"{rev}:./{rel}")
 
 
 def _weight_fingerprints(records: dict[str, str | None]) -> dict[str, str]:
@@ -494,10 +499,7 @@ def _weight_fingerprints(records: dict[str, str | None]) -> dict[str, str]:
 
 
 def _record_names(root: Path, rev: str) -> list[str]:
-    import subprocess
-
-    r = subprocess.run(["git", "-C", str(root), "ls-tree", "--name-only", rev, "./records/"], capture_output=True, text=True)
-    names = [Path(line).name for line in r.stdout.splitlines()]
+    names = [Path(line).name for line in (_git(root, "ls-tree", "--name-only", rev, "./records/") or "").splitlines()]
     return [n for n in names if n.endswith(".json") and not n.startswith("reproduction")]
 
 
@@ -528,10 +530,7 @@ def compare(root: Path, rev: str, tol: float) -> dict:
               for p in sorted(ref_models)}
     deltas = [abs(r["delta"]) for r in rows if r["delta"] is not None]
     bad = [r for r in rows if r["delta"] is None or abs(r["delta"]) > tol]
-    import subprocess
-    from datetime import datetime, timezone
-
-    head = subprocess.run(["git", "-C", str(root), "rev-parse", rev], capture_output=True, text=True).stdout.strip()
+    head = (_git(root, "rev-parse", rev) or rev).strip()
     return {"rev": rev, "commit": head, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "tolerance": tol, "rows": rows, "missing": missing,
             "max_abs_delta": max(deltas, default=None), "outside_tolerance": len(bad),
