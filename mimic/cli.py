@@ -12,7 +12,6 @@ import json
 import logging
 import sys
 import time
-import warnings
 from pathlib import Path
 
 from mimic.errors import ConfigError, MimicError
@@ -496,8 +495,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.quiet:  # orchestration chatter (Prefect, MLflow) goes too; their warnings and errors still show
         for handler in logging.getLogger().handlers:
             handler.addFilter(lambda r: r.levelno >= logging.WARNING)
-    # MLflow asks for type hints on the student model's predict(); its input (image arrays) is documented instead
-    warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method", category=UserWarning)
     t0 = time.perf_counter()
     try:
         _set_threads(getattr(args, "threads", None))

@@ -7,34 +7,30 @@ safe, strict loader.
 
 from __future__ import annotations
 
-import warnings
-
 import mlflow
+import numpy as np
 from mlflow.pyfunc import PythonModel
 
 
-# MLflow warns that image arrays get no type-hint validation; predict documents its input instead.
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", UserWarning)
+class SanitizedEncoder(PythonModel):
+    def load_context(self, context) -> None:
+        from mimic.checkpoints import load_encoder
 
-    class SanitizedEncoder(PythonModel):
-        def load_context(self, context) -> None:
-            from mimic.checkpoints import load_encoder
+        self.encoder = load_encoder(context.artifacts["student"]).encoder.eval()
 
-            self.encoder = load_encoder(context.artifacts["student"]).encoder.eval()
+    # np.ndarray: MLflow infers no schema from it (image batches of any size) and so does not warn
+    # that predict lacks type hints
+    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
+        import torch
 
-        def predict(self, context, model_input, params=None):
-            import numpy as np
-            import torch
+        from mimic.evaluate import extract_features
 
-            from mimic.evaluate import extract_features
-
-            x = torch.as_tensor(np.asarray(model_input))
-            if x.is_floating_point():
-                x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
-            if x.ndim == 4 and x.shape[-1] == 3 and x.shape[1] != 3:
-                x = x.permute(0, 3, 1, 2).contiguous()
-            return extract_features(self.encoder, x).numpy()
+        x = torch.as_tensor(np.asarray(model_input))
+        if x.is_floating_point():
+            x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+        if x.ndim == 4 and x.shape[-1] == 3 and x.shape[1] != 3:
+            x = x.permute(0, 3, 1, 2).contiguous()
+        return extract_features(self.encoder, x).numpy()
 
 
 mlflow.models.set_model(SanitizedEncoder())

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import warnings
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +27,18 @@ _NETWORK_HINTS = ("max retries exceeded", "connection refused", "failed to estab
 
 class TrackingError(MimicError):
     """MLflow refused a request (not an outage): bad URI, permissions, invalid names."""
+
+
+@contextlib.contextmanager
+def _dropping(logger: str, text: str) -> Iterator[None]:
+    """Drop the records of ``logger`` that contain ``text`` (an expected, useless message) meanwhile."""
+    drop = logging.Filter()
+    drop.filter = lambda record: text not in record.getMessage()  # type: ignore[method-assign]
+    logging.getLogger(logger).addFilter(drop)
+    try:
+        yield
+    finally:
+        logging.getLogger(logger).removeFilter(drop)
 
 
 @contextlib.contextmanager
@@ -111,8 +123,8 @@ def log_audit(results_path: str, audit_key: str, artifacts: list[str], losses_pa
                              "uri": teacher["uri"]}, "teacher_fingerprint.json")
             import mimic
 
-            with warnings.catch_warnings():  # "add type hints to predict": inputs are image arrays, documented in the model
-                warnings.simplefilter("ignore", UserWarning)
+            # predict takes image arrays of any shape (np.ndarray): MLflow infers no signature by design
+            with _dropping("mlflow.pyfunc", "Failed to infer model signature"):
                 info = mlflow.pyfunc.log_model(
                     name="student", python_model=str(PYFUNC), artifacts={"student": student_file},
                     code_paths=[str(Path(mimic.__file__).parent)],

@@ -52,6 +52,7 @@ def test_audit_of_research_layout_checkpoint_end_to_end(tiny_encoder, pipeline_e
     assert stored.is_file() and stored.is_relative_to(tmp_path / "runs" / "store")
     printed = capsys.readouterr().out
     assert "verdict:" in printed and "MLflow run" in printed
+    _check_logged_student(res["mlflow"]["run_id"], student)
     # a second run reuses every heavy step
     rc = main(["audit", "--teacher", str(teacher), "--data", str(data), "--profile", "tiny", "--target-class", "1",
                "--trigger", str(_trigger(tmp_path)), "--out", str(out), "--json", str(tmp_path / "r2.json"), "--quiet"])
@@ -59,6 +60,28 @@ def test_audit_of_research_layout_checkpoint_end_to_end(tiny_encoder, pipeline_e
     assert rc == 0 and all(again["cached"].values()), again["cached"]
     assert again["student"]["fingerprint"] == res["student"]["fingerprint"]
     assert again["mlflow"]["run_id"] == res["mlflow"]["run_id"]
+
+
+def _check_logged_student(run_id: str, student) -> None:
+    """The student logged to MLflow loads as a pyfunc and returns the student's own features; its
+    predict declares an array input (MLflow then infers no schema and does not warn about hints)."""
+    import typing
+
+    import mlflow
+    import numpy as np
+    from mlflow.types.type_hints import _signature_cannot_be_inferred_from_type_hint
+
+    from mimic.evaluate import extract_features
+
+    uri = mlflow.MlflowClient().get_run(run_id).data.tags["mimic.model_uri"]
+    model = mlflow.pyfunc.load_model(uri)
+    images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    got = model.predict(images.numpy())  # NHWC uint8, as a user would pass decoded images
+    want = extract_features(student.encoder.eval(), images.permute(0, 3, 1, 2).contiguous()).numpy()
+    assert got.shape == want.shape == (4, student.encoder.feature_dim)
+    assert np.allclose(got, want, atol=1e-6)
+    hint = typing.get_type_hints(type(model.unwrap_python_model()).predict)["model_input"]
+    assert hint is np.ndarray and _signature_cannot_be_inferred_from_type_hint(hint)
 
 
 def _trigger(tmp_path: Path) -> Path:
