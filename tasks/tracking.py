@@ -32,8 +32,9 @@ class TrackingError(MimicError):
 @contextlib.contextmanager
 def _dropping(logger: str, text: str) -> Iterator[None]:
     """Drop the records of ``logger`` that contain ``text`` (an expected, useless message) meanwhile."""
-    drop = logging.Filter()
-    drop.filter = lambda record: text not in record.getMessage()  # type: ignore[method-assign]
+    def drop(record: logging.LogRecord) -> bool:  # logging takes a plain callable as a filter
+        return text not in record.getMessage()
+
     logging.getLogger(logger).addFilter(drop)
     try:
         yield
