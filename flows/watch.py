@@ -20,20 +20,21 @@ from prefect import flow, task
 
 from flows.audit import audit_flow
 from mimic.errors import CheckpointError, MimicError
-from tasks.common import NETWORK
-from tasks.teacher import fetch_teacher, fingerprint_teacher
+from mimic.inputs import admit_teacher
+from mimic.io import write_json
+from tasks.teacher import fetch_teacher
 
 log = logging.getLogger("mimic")
 SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors", ".bin")
 
 
-@task(name="list-incoming", **NETWORK)
-def list_incoming(location: str) -> list[dict]:
+@task(name="list-incoming")
+def list_incoming(location: str, retries: int | None = None) -> list[dict]:
     """Candidate checkpoints under ``location``: ``[{"uri", "name", "version"}]`` (version = size + mtime/ETag)."""
     if location.startswith("s3://"):
         from mimic.store import open_store
 
-        store = open_store(location)
+        store = open_store(location) if retries is None else open_store(location, retries=retries + 1)
         return [{"uri": store.url(o["key"]), "name": o["key"], "version": f"{o['size']}:{o.get('etag') or o['modified']}"}
                 for o in store.list() if o["key"].lower().endswith(SUFFIXES)]
     root = Path(location)
@@ -62,8 +63,6 @@ class Ledger:
             return {}
 
     def remember(self, uri: str, version: str, info: dict) -> None:
-        from mimic.pipeline import write_json
-
         files = self.files()
         files[f"{uri}|{version}"] = info
         write_json(self._files_path, files)
@@ -80,8 +79,6 @@ class Ledger:
         return True
 
     def finish(self, fingerprint: str, record: dict) -> None:
-        from mimic.pipeline import write_json
-
         write_json(self.root / "seen" / f"{fingerprint}.json", {"fingerprint": fingerprint, "status": "audited", **record})
 
     def release(self, fingerprint: str) -> None:
@@ -113,10 +110,9 @@ def watch_flow(
 ) -> dict:
     """One tick: audit every new teacher fingerprint under ``location``; returns what happened."""
     book = Ledger(ledger)
-    net = {} if network_retries is None else {"retries": network_retries}
     known = book.files()
     audited, skipped, refused, failed = [], [], [], []
-    for cand in list_incoming.with_options(**net)(location):
+    for cand in list_incoming(location, network_retries):
         memo = known.get(f"{cand['uri']}|{cand['version']}")
         if memo is not None and memo.get("refused"):
             continue  # reported when first seen
@@ -125,8 +121,8 @@ def watch_flow(
             local = None
         else:
             try:
-                local = fetch_teacher.with_options(**net)(cand["uri"], str(Path(root) / "teachers"))
-                fp = fingerprint_teacher(local)["fingerprint"]
+                local = fetch_teacher(cand["uri"], str(Path(root) / "fetched"))
+                fp = admit_teacher(local).fingerprint
             except CheckpointError as exc:
                 log.warning("%s: refused: %s", cand["name"], exc)
                 book.remember(cand["uri"], cand["version"], {"refused": str(exc)})

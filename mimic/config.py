@@ -1,7 +1,9 @@
-"""Frozen, validated configuration loaded from ``params.yaml`` (+ profile + ``stage.key=value`` sets).
+"""Frozen, validated configuration: package defaults <- the user's ``params.yaml`` <- profile <- ``--set``.
 
-``mimic/params.yaml`` is the single source of defaults. A run's configuration is built once,
-validated, and never mutated afterwards; ``Config.to_dict()`` is what gets logged.
+The defaults ship with the package (``mimic/defaults.yaml``, package data that nothing edits); the
+repository's ``params.yaml`` is the user's copy that DVC reads and ``dvc exp run -S`` edits. A
+run's configuration is built once, validated, and never mutated afterwards; ``Config.to_dict()``
+is what gets logged.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import yaml
 
@@ -152,6 +154,17 @@ class GateConfig:
 
 
 @dataclass(frozen=True)
+class TimeoutsConfig:
+    """Bounds in seconds (0 = none), so a hung process never blocks the audits queued after it."""
+
+    lock: float  # waiting for another process working on the same stage and key
+    stage: float  # one heavy stage (MI, distillation, evaluation) run as a Prefect task
+
+    def __post_init__(self) -> None:
+        _check(self.lock >= 0 and self.stage >= 0, "timeouts.* must be >= 0 seconds (0 = no limit)")
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int
     device: str
@@ -165,6 +178,7 @@ class Config:
     evaluate: EvaluateConfig
     teacher: TeacherConfig
     gate: GateConfig
+    timeouts: TimeoutsConfig
     profile: str | None = field(default=None)
 
     def __post_init__(self) -> None:
@@ -196,6 +210,7 @@ _SECTIONS = {
     "evaluate": EvaluateConfig,
     "teacher": TeacherConfig,
     "gate": GateConfig,
+    "timeouts": TimeoutsConfig,
 }
 _TOP = ("seed", "device", "precision")
 
@@ -208,7 +223,8 @@ def config_from_dict(values: dict[str, Any]) -> Config:
 
 
 def default_params_text() -> str:
-    return resources.files("mimic").joinpath("params.yaml").read_text()
+    """The package defaults (``mimic/defaults.yaml``): every knob, with the named profiles."""
+    return resources.files("mimic").joinpath("defaults.yaml").read_text()
 
 
 def _merge(base: dict, over: dict, where: str) -> dict:
@@ -226,28 +242,48 @@ def _merge(base: dict, over: dict, where: str) -> dict:
 
 
 def _coerce(cls: type, values: dict, where: str) -> Any:
+    """Build dataclass ``cls`` from plain values, converting each to its annotated type."""
+    hints = get_type_hints(cls)
     kwargs = {}
     for f in fields(cls):
         if f.name not in values:
             raise ConfigError(f"missing parameter {where}.{f.name}")
-        v = values[f.name]
-        want = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        try:
-            if want == "int":
-                if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
-                    raise ValueError
-                v = int(v)
-            elif want == "float":
-                v = float(v)
-            elif want == "bool":
-                if not isinstance(v, bool):
-                    raise ValueError
-            elif want == "str":
-                v = str(v)
-        except (TypeError, ValueError):
-            raise ConfigError(f"parameter {where}.{f.name} must be {want}, got {v!r}") from None
-        kwargs[f.name] = v
+        kwargs[f.name] = _convert(values[f.name], hints[f.name], f"{where}.{f.name}")
     return cls(**kwargs)
+
+
+def _convert(v: Any, want: Any, where: str) -> Any:
+    """``v`` as type ``want`` (int, float, bool, str, or ``X | None``); a one-line ConfigError otherwise."""
+    import types
+    import typing
+
+    if isinstance(want, types.UnionType) or typing.get_origin(want) is typing.Union:
+        options = typing.get_args(want)
+        if v is None and type(None) in options:
+            return None
+        (want,) = [t for t in options if t is not type(None)]
+    name = getattr(want, "__name__", str(want))
+    try:
+        if want is bool:
+            if not isinstance(v, bool):
+                raise ValueError
+        elif want is int:
+            if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+                raise ValueError
+            v = int(v)
+        elif want is float:
+            if isinstance(v, bool):
+                raise ValueError
+            v = float(v)
+        elif want is str:
+            if not isinstance(v, (str, int, float)) or isinstance(v, bool):
+                raise ValueError
+            v = str(v)
+        else:
+            raise TypeError(f"unsupported annotation {want!r}")
+    except (TypeError, ValueError):
+        raise ConfigError(f"parameter {where} must be {name}, got {v!r}") from None
+    return v
 
 
 def parse_set(item: str) -> dict:

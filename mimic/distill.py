@@ -11,7 +11,6 @@ and removed afterwards.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from torch import nn
 from mimic.augment import simclr_augment
 from mimic.config import DistillConfig
 from mimic.data import ImageSet, batches, require_size, to_float
-from mimic.encoders import Encoder, ProjectionHead, StageTaps, build_encoder, freeze
+from mimic.encoders import Encoder, ProjectionHead, StageTaps, freeze, make_student
 from mimic.losses import clone_loss, nt_xent, weighted_attention
 from mimic.runtime import autocast, seed_torch
 from mimic.training import LoopResult, MeanMeter, check_finite, run_epochs
@@ -43,16 +42,6 @@ def run_key(teacher_fingerprint: str, data_version: str, cfg: DistillConfig, wei
     plain = {k: v for k, v in vars(cfg).items() if k != "epochs"}
     blob = json.dumps([teacher_fingerprint, data_version, plain, [round(w, 6) for w in weights], seed], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def make_student(teacher: Encoder, init: str, seed: int) -> Encoder:
-    if init == "teacher":
-        student = copy.deepcopy(teacher)
-    else:
-        seed_torch(seed, "student-init")
-        student = build_encoder(teacher.spec)
-    student.requires_grad_(True)
-    return student
 
 
 def distill(

@@ -162,6 +162,21 @@ class Encoder(nn.Module):
         return tuple(f"backbone.{s}" for s in STAGES)
 
 
+def make_student(teacher: Encoder, init: str, seed: int) -> Encoder:
+    """The student: the teacher's architecture with fresh weights (``empty``, MIMIC) or a copy (``teacher``)."""
+    import copy
+
+    from mimic.runtime import seed_torch
+
+    if init == "teacher":
+        student = copy.deepcopy(teacher)
+    else:
+        seed_torch(seed, "student-init")
+        student = build_encoder(teacher.spec)
+    student.requires_grad_(True)
+    return student
+
+
 def build_encoder(spec: EncoderSpec) -> Encoder:
     return Encoder(spec)
 

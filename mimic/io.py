@@ -81,3 +81,11 @@ def write_text(path: str | os.PathLike[str], text: str) -> Path:
 def read_json(path: str | os.PathLike[str]) -> Any:
     """Parse a JSON file (``OSError`` / ``ValueError`` propagate; callers decide what a bad file means)."""
     return json.loads(Path(path).read_text())
+
+
+def copy_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
+    """Atomically copy ``src`` to ``dst`` (the destination appears complete or not at all)."""
+    import shutil
+
+    with open(src, "rb") as f:
+        return atomic_write(dst, lambda out: shutil.copyfileobj(f, out, 1 << 20))

@@ -44,7 +44,7 @@ class MIResult:
             "estimator": self.estimator,
             "stages": list(self.stages),
             "mi": dict(zip(self.stages, self.mi)),
-            "raw": dict(zip(self.stages, self.raw)),
+            "raw": {s: (r if math.isfinite(r) else None) for s, r in zip(self.stages, self.raw)},  # JSON has no NaN
             "weights": dict(zip(self.stages, self.weights)),
         }
 

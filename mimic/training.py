@@ -10,7 +10,6 @@ last good epoch.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from tqdm.auto import tqdm
 
 from mimic.checkpoints import load_state, save_state
 from mimic.errors import CheckpointError, TrainingDiverged
+from mimic.io import write_json
 from mimic.runtime import generator
 
 log = logging.getLogger("mimic")
@@ -75,6 +75,15 @@ def _load_latest(work_dir: Path) -> dict | None:
     if errors:
         raise CheckpointError(f"{errors[0]}; no readable checkpoint left, remove {work_dir} to start over")
     return None
+
+
+def checkpoint_epoch(work_dir: Path) -> int | None:
+    """The epoch count of the newest readable checkpoint in ``work_dir`` (None when there is none)."""
+    try:
+        state = _load_latest(work_dir)
+    except CheckpointError:
+        return None
+    return None if state is None else int(state["epoch"])
 
 
 def run_epochs(
@@ -133,5 +142,5 @@ def run_epochs(
             on_epoch_end(epoch + 1, metrics)
     bar.close()
     result.seconds = time.perf_counter() - t0
-    (work_dir / "history.json").write_text(json.dumps(result.history, indent=1))
+    write_json(work_dir / "history.json", result.history)
     return result

@@ -1,6 +1,6 @@
 """Prefect tasks: thin wrappers over ``mimic`` that pass paths, URIs and run ids (never tensors).
 
-Heavy tasks (MI, distillation, evaluation) are cached on content keys (teacher fingerprint, clean
-data hash, the params of that stage, seed, code version); network tasks (S3, MLflow) retry with
-backoff. Nothing here re-implements the science: see ``mimic.workspace``.
+The audit's heavy stages run as tasks cached on their stage keys (``tasks.stages``); network
+steps (S3, MLflow) retry in exactly one layer each. Nothing here re-implements the science:
+see ``mimic.audit`` and ``mimic.stages``.
 """

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from prefect import task
 
-from tasks.common import NETWORK
 
-
-@task(name="store-student", **NETWORK)
-def store_student_task(student_file: str, teacher_fingerprint: str, meta: dict, store_uri: str | None, run: str | None = None) -> dict:
-    """Verified, atomic upload under ``students/<teacher fingerprint>/<run>/`` (student, then ``meta.json``)."""
+@task(name="store-student")
+def store_student_task(student_file: str, teacher_fingerprint: str, meta: dict, store_uri: str | None, run: str | None = None,
+                       retries: int | None = None) -> dict:
+    """Verified, atomic upload under ``students/<teacher fingerprint>/<run>/`` (student, then ``meta.json``).
+    Retries live in the store's S3 client (one layer), not in this task."""
     from mimic.store import open_store, store_student
 
-    store = open_store(store_uri)
+    store = open_store(store_uri) if retries is None else open_store(store_uri, retries=retries + 1)
     return {"store": store.uri, **store_student(store, teacher_fingerprint, student_file, meta, run)}

@@ -97,7 +97,7 @@ def log_audit(results_path: str, audit_key: str, artifacts: list[str], losses_pa
             mlflow.set_tags({
                 "mimic.audit_key": audit_key, "teacher_fingerprint": teacher["fingerprint"], "teacher_uri": teacher["uri"],
                 "data_version": results["data"]["data_version"], "verdict": results["verdict"]["verdict"],
-                "verdict_reason": results["verdict"]["reason"], "mimic.code_version": results["environment"].get("code"),
+                "verdict_reason": results["verdict"]["reason"], "mimic.version": results["environment"].get("mimic"),
                 "mimic.git": str(results["environment"].get("git")),
             })
             mlflow.log_params(flatten(cfg))

@@ -15,6 +15,13 @@ from mimic.encoders import Encoder, EncoderSpec, build_encoder
 SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10.npz"
 
 
+@pytest.fixture(autouse=True)
+def _run_in_tmp(tmp_path, monkeypatch):
+    """Every test runs in its own directory: default outputs (runs/cache, runs/audits, mlflow.db) never
+    land in the repository."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models run fastest single-threaded (and do not thrash a shared CI box); use with
@@ -148,11 +155,17 @@ def random_teacher(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_teachers(tmp_path_factory) -> dict[str, Path]:
     """A clean tiny SimCLR encoder and a BadEncoder teacher made from it (profile tiny, synthetic data)."""
-    from mimic.pipeline import load_data, stage_attack, stage_pretrain
+    from mimic.cache import StageCache
+    from mimic.inputs import load_data, load_teacher
+    from mimic.io import copy_file
+    from mimic.stages.attack import plan_attack
+    from mimic.stages.pretrain import plan_pretrain
 
     root = tmp_path_factory.mktemp("teachers")
     cfg = load_config(profile="tiny")
-    ds = load_data(cfg)
-    stage_pretrain(cfg, root / "clean.pt", root / "work", data=ds, progress=False)
-    stage_attack(cfg, root / "clean.pt", root / "teacher.pt", root / "work", data=ds, progress=False)
+    ds, cache = load_data(cfg), StageCache(root / "cache")
+    pre = plan_pretrain(cfg, ds, progress=False).run(cache)
+    att = plan_attack(cfg, load_teacher(pre.path("encoder")), ds, progress=False).run(cache)
+    copy_file(pre.path("encoder"), root / "clean.pt")
+    copy_file(att.path("encoder"), root / "teacher.pt")
     return {"clean": root / "clean.pt", "teacher": root / "teacher.pt"}

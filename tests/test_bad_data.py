@@ -102,7 +102,7 @@ def test_empty_and_unreadable_folders(tmp_path, capsys, teacher):
 def test_fewer_images_than_one_batch(tmp_path, capsys, teacher):
     """20 images, batch 32: refused before the MI stage writes mi.json (library and CLI)."""
     from mimic.checkpoints import load_encoder
-    from mimic.pipeline import stage_distill
+    from mimic.stages.distill import plan_distill
 
     path = npz(tmp_path / "small.npz", x_train=images(20), y_train=np.arange(20) % 4)
     out = tmp_path / "out"
@@ -111,8 +111,7 @@ def test_fewer_images_than_one_batch(tmp_path, capsys, teacher):
     cfg = load_config(profile="tiny")
     ds = load_dataset(str(path))
     with pytest.raises(DataError, match="fewer than one batch"):
-        stage_distill(cfg, load_encoder(teacher), ds.train, [1.0] * 4, out, out / "work", data_version=ds.version, progress=False)
-    assert not (out / "student.pt").exists()
+        plan_distill(cfg, load_encoder(teacher), "fp", ds.train, ds.version, [1.0] * 4, progress=False)
 
 
 def test_distill_library_refuses_fewer_than_two_images(teacher):

@@ -12,7 +12,7 @@ import pytest
 
 from mimic.config import load_config
 
-HEAVY = ("mutual-information", "distill", "evaluate-teacher", "evaluate-student")
+HEAVY = ("mi", "distill", "evaluate-teacher", "evaluate-student")
 
 
 def _audit(teacher: Path, *sets: str, **kw):
@@ -30,11 +30,7 @@ def _task_states(flow_state) -> dict[str, str]:
 
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
-    out = {}
-    for tr in runs:
-        name = tr.name if tr.name.startswith("evaluate-") else tr.name.rsplit("-", 1)[0]
-        out[name] = tr.state.name
-    return out
+    return {tr.name: tr.state.name for tr in runs}
 
 
 def _sha256(path: Path) -> str:
@@ -56,7 +52,7 @@ def test_second_audit_reuses_every_heavy_task_and_a_distill_param_reruns_only_it
 
     changed, s3 = _audit(tiny_teachers["teacher"], "distill.epochs=3", track=False)
     states = _task_states(s3)
-    assert states["mutual-information"] == "Cached" and states["evaluate-teacher"] == "Cached", states
+    assert states["mi"] == "Cached" and states["evaluate-teacher"] == "Cached", states
     assert states["distill"] == "Completed" and states["evaluate-student"] == "Completed", states
     assert changed["student"]["fingerprint"] != first["student"]["fingerprint"]
 

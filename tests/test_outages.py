@@ -93,12 +93,19 @@ def test_mlflow_down_then_back(pipeline_env, tiny_teachers, monkeypatch):
 
 CONCURRENT = """
 import json, sys
+from mimic.cache import StageCache
 from mimic.config import load_config
-from mimic.workspace import run_distill, run_mi
+from mimic.inputs import admit_teacher, clean_subset, clean_version, load_data
+from mimic.stages.distill import plan_distill
+from mimic.stages.mi import plan_mi, weights_of
 cfg = load_config(profile="tiny", sets=["distill.epochs=3"])
-mi = run_mi(cfg, sys.argv[1], "synthetic", sys.argv[2])
-res = run_distill(cfg, sys.argv[1], "synthetic", [mi["weights"][s] for s in mi["stages"]], sys.argv[2], progress=False)
-print(json.dumps(res))
+t, cache = admit_teacher(sys.argv[1]), StageCache(sys.argv[2])
+clean = clean_subset(cfg, load_data(cfg))
+v = clean_version(clean)
+mi = plan_mi(cfg, t.loaded, t.fingerprint, clean, v).run(cache)
+res = plan_distill(cfg, t.loaded, t.fingerprint, clean, v, weights_of(mi), progress=False).run(cache)
+print(json.dumps({"reused": res.cached, "fingerprint": res.manifest["fingerprint"], "student": str(res.path("student")),
+                  "dir": str(res.dir)}))
 """
 
 

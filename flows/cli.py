@@ -1,0 +1,191 @@
+"""``mimic audit`` and ``mimic watch``: the Prefect fronts, registered into the ``mimic`` command
+through the ``mimic.commands`` entry point (see pyproject.toml)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+from mimic.cli import add_command, common, say
+from mimic.cli.commands import check_source, config, fmt, table
+from mimic.errors import ConfigError, MimicError, ServiceUnavailable
+
+
+def _pipeline_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("pipeline")
+    g.add_argument("--store", metavar="URI", help="where sanitized students go: a directory or s3://bucket/prefix "
+                   "(default: $MIMIC_STORE, else runs/store); S3 credentials/endpoint from the AWS_* variables")
+    g.add_argument("--cache", default="runs/cache", metavar="DIR", help="the stage cache (default: runs/cache)")
+    g.add_argument("--no-track", action="store_true", help="skip MLflow logging and the registry gate")
+    g.add_argument("--retries", type=int, metavar="N", help="retries of the network steps (S3, MLflow; default 3)")
+
+
+def _store_uri(args: argparse.Namespace) -> str | None:
+    return args.store or os.environ.get("MIMIC_STORE") or None
+
+
+class _DropMimicTracebacks(logging.Filter):
+    """Prefect logs task/flow failures with a traceback; for user errors (MimicError) one line is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, MimicError):
+            record.exc_info = None
+            record.exc_text = None
+            first = " ".join(record.getMessage().split("\n")[0].split())
+            if str(exc).split("\n")[0] not in first:
+                first = f"{first} ({type(exc).__name__}: {' '.join(str(exc).split())})"
+            record.msg, record.args = first, ()
+        return True
+
+
+@contextlib.contextmanager
+def _orchestrated(args: argparse.Namespace) -> Iterator[None]:
+    """Around a flow call: one-line user errors in Prefect's logs, quiet MLflow with ``-q``, and
+    Prefect's local server failing to start reported as a service outage."""
+    if args.quiet and not getattr(args, "no_track", True):
+        import mlflow  # noqa: F401 - installs its own INFO handler when imported; keep it to warnings
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+    if args.quiet:
+        logging.getLogger("prefect").setLevel(logging.WARNING)
+    flt = _DropMimicTracebacks()
+    loggers = [logging.getLogger(n) for n in ("prefect", "prefect.task_runs", "prefect.flow_runs", "prefect.task_engine",
+                                              "prefect.flow_engine")]
+    for lg in loggers:
+        lg.addFilter(flt)
+    try:
+        yield
+    except RuntimeError as exc:
+        if "Prefect API server" not in str(exc):
+            raise
+        raise ServiceUnavailable("Prefect's temporary local server did not start in time (a busy machine?); raise "
+                                 "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS or point PREFECT_API_URL at a running "
+                                 "`prefect server start`") from None
+    finally:
+        for lg in loggers:
+            lg.removeFilter(flt)
+
+
+def cmd_audit(args: argparse.Namespace) -> dict:
+    from mimic.audit import AuditRequest, prepare
+
+    cfg = config(args)
+    check_source(args.data, "--data")
+    check_source(args.eval_data, "--eval-data")
+    if not args.teacher.startswith("s3://"):  # refuse unsafe teachers and unusable data before orchestration starts
+        prepare(cfg, AuditRequest(args.teacher, args.data, args.eval_data, args.trigger, args.target_class), args.cache)
+    from flows.audit import audit_flow
+
+    with _orchestrated(args):
+        res = audit_flow(teacher=args.teacher, data=args.data, params=cfg.to_dict(), out=args.out, eval_data=args.eval_data,
+                         trigger=args.trigger, target=args.target_class, store=_store_uri(args), root=args.cache,
+                         track=not args.no_track, network_retries=args.retries, progress=not args.quiet)
+    say(args, table(res))
+    reused = [k for k, v in res["cached"].items() if v]
+    if reused:
+        say(args, f"reused cached steps: {', '.join(reused)}")
+    say(args, f"student ({res['verdict']['verdict']}): {res['student']['file']} -> {res['store']['student_uri']}")
+    if "mlflow" in res:
+        reg = res["mlflow"]["registry"]
+        say(args, f"MLflow run {res['mlflow']['run_id']} ({res['mlflow']['tracking_uri']}); model {reg['name']} "
+            f"version {reg['version']}" + (f", alias '{reg['alias']}'" if reg["alias_moved"] else f", alias '{reg['alias']}' not moved"))
+    return res
+
+
+def cmd_watch(args: argparse.Namespace) -> dict:
+    cfg = config(args)
+    check_source(args.data, "--data")
+    check_source(args.eval_data, "--eval-data")
+    from flows.watch import watch_flow
+
+    kwargs = dict(location=args.location, data=args.data, params=cfg.to_dict(), ledger=args.ledger, eval_data=args.eval_data,
+                  store=_store_uri(args), root=args.cache, out_root=args.out_root, track=not args.no_track,
+                  network_retries=args.retries, progress=False)
+    if args.cron:
+        return _serve_watch(args, watch_flow, kwargs)
+    with _orchestrated(args):
+        res = watch_flow(**kwargs)
+    _print_tick(args, res)
+    return res
+
+
+def _print_tick(args: argparse.Namespace, res: dict) -> None:
+    for a in res["audited"]:
+        say(args, f"audited {a['uri']} ({a['fingerprint'][:12]}): {a['verdict']}, student CA {fmt(a['student_ca'])} "
+            f"ASR {fmt(a['student_asr'])}")
+    for a in res["skipped"]:
+        say(args, f"already audited: {a['uri']} ({a['fingerprint'][:12]})")
+    for a in res["refused"]:
+        say(args, f"refused: {a['uri']}: {a['reason']}")
+    for a in res["failed"]:
+        say(args, f"failed: {a['uri']}: {a['error']}")
+    say(args, f"{len(res['audited'])} audited, {len(res['skipped'])} already seen, {len(res['refused'])} refused, "
+        f"{len(res['failed'])} failed")
+
+
+def _serve_watch(args: argparse.Namespace, watch_flow: Any, kwargs: dict) -> dict:
+    """``--cron``: with a Prefect server (``PREFECT_API_URL``) serve a scheduled deployment; without one
+    (Prefect's local mode cannot schedule) run a tick now and then at each time of the schedule here."""
+    try:
+        from cronsim import CronSim, CronSimError
+
+        CronSim(args.cron, datetime.now())
+    except CronSimError as exc:
+        raise ConfigError(f"--cron {args.cron!r}: not a cron expression ({exc})") from None
+    if os.environ.get("PREFECT_API_URL"):
+        say(args, f"serving deployment mimic-watch on {args.location}, schedule {args.cron!r}, via {os.environ['PREFECT_API_URL']}")
+        watch_flow.serve(name="mimic-watch", cron=args.cron, parameters=kwargs, print_starting_message=not args.quiet)
+        return {"served": True}
+    say(args, f"no Prefect server configured (PREFECT_API_URL): scheduling {args.cron!r} here; Ctrl-C to stop")
+    ticks: list[dict] = []
+    schedule = CronSim(args.cron, datetime.now().astimezone())
+    while True:
+        with _orchestrated(args):
+            res = watch_flow(**kwargs)
+        _print_tick(args, res)
+        ticks.append({k: len(v) for k, v in res.items() if isinstance(v, list)})
+        if args.max_ticks and len(ticks) >= args.max_ticks:
+            return {"ticks": ticks}
+        now = datetime.now().astimezone()
+        nxt = next(schedule)
+        while nxt <= now:
+            nxt = next(schedule)
+        say(args, f"next tick at {nxt:%Y-%m-%d %H:%M %Z}")
+        time.sleep((nxt - now).total_seconds())
+
+
+def register(sub: Any) -> None:
+    """Entry point ``mimic.commands``: add ``audit`` and ``watch`` to the ``mimic`` command."""
+    p = add_command(sub, "audit", cmd_audit, help="audit a teacher (Prefect flow): MI -> distillation -> CA/ASR -> "
+                    "store -> MLflow registry gate")
+    p.add_argument("--teacher", required=True, metavar="PATH|S3URI", help="the encoder checkpoint to audit")
+    p.add_argument("--data", required=True, metavar="SRC", help="clean images (synthetic, PATH.npz, folder, torchvision:NAME:ROOT)")
+    p.add_argument("--eval-data", metavar="SRC", help="labelled downstream data for CA/ASR (default: --data)")
+    p.add_argument("--trigger", metavar="NPZ", help="trigger file (BadEncoder layout) to measure ASR with")
+    p.add_argument("--target-class", type=int, metavar="K", help="the attack's target class, to measure ASR")
+    p.add_argument("--out", metavar="DIR", help="output directory (default: runs/audits/<fingerprint>)")
+    _pipeline_args(p)
+    common(p)
+
+    p = add_command(sub, "watch", cmd_watch, help="scheduled audits: audit every new teacher under a directory or s3:// prefix")
+    p.add_argument("location", metavar="DIR|S3PREFIX", help="where incoming checkpoints arrive")
+    p.add_argument("--data", required=True, metavar="SRC", help="clean images for distillation")
+    p.add_argument("--eval-data", metavar="SRC", help="labelled downstream data for CA/ASR (default: --data)")
+    when = p.add_mutually_exclusive_group(required=True)
+    when.add_argument("--once", action="store_true", help="run one tick now and exit")
+    when.add_argument("--cron", metavar="EXPR", help='a tick now, then on a cron schedule, e.g. "*/15 * * * *" '
+                      "(served as a Prefect deployment when PREFECT_API_URL points at a Prefect server)")
+    p.add_argument("--max-ticks", type=int, metavar="N", help="with --cron and no Prefect server: stop after N ticks")
+    p.add_argument("--ledger", default="runs/watch", metavar="DIR", help="which fingerprints were audited (default: runs/watch)")
+    p.add_argument("--out-root", default="runs/audits", metavar="DIR", help="audit outputs go to DIR/<fingerprint>")
+    _pipeline_args(p)
+    common(p)
+
+

@@ -1,0 +1,198 @@
+"""What an audit reads, each loaded once: the teacher, the data, the trigger used for ASR.
+
+* :func:`admit_teacher` loads a teacher file safely, once per process (keyed by its content hash,
+  so the stages of one audit share one load); :func:`keep_copy` then copies its bytes to a
+  content-addressed file (``<dir>/<sha256>.<suffix>``) that every later stage reads, so swapping
+  the original path mid-audit cannot poison a cache.
+* :func:`load_data` keeps loaded datasets per process, keyed by the source and (for files) their
+  size and modification time.
+* :func:`clean_subset`, :func:`labelled_train`, :func:`require_clean_size`, :func:`resolve_attack`
+  are the one place each of these rules lives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mimic.checkpoints import LoadedEncoder, load_encoder
+from mimic.config import Config
+from mimic.data import Dataset, ImageSet, content_hash, load_dataset, stratified_indices
+from mimic.errors import DataError
+from mimic.fingerprint import fingerprint_encoder
+from mimic.io import copy_file
+from mimic.triggers import Trigger
+
+log = logging.getLogger("mimic")
+
+_MEMO_SIZE = 4
+
+
+class _Memo(OrderedDict):
+    """A tiny LRU: the last few loaded teachers / datasets of this process."""
+
+    def get_or(self, key: Any, make):
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        value = make()
+        self[key] = value
+        while len(self) > _MEMO_SIZE:
+            self.popitem(last=False)
+        return value
+
+
+_teachers = _Memo()
+_datasets = _Memo()
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """A teacher admitted to an audit: its content-addressed copy, loaded and fingerprinted once."""
+
+    path: Path  # the copy every stage reads
+    source: str  # what the user named (path or URI)
+    sha256: str  # of the file's bytes
+    loaded: LoadedEncoder
+    fingerprint: str  # of the weights, architecture and normalisation (mimic.fingerprint)
+
+    def info(self) -> dict[str, Any]:
+        ex = self.loaded.extras
+        return {"fingerprint": self.fingerprint, "sha256": self.sha256, "arch": self.loaded.spec.name,
+                "layout": self.loaded.layout, "path": str(self.path), "source": self.source,
+                "has_trigger": "trigger_patch" in ex, "target_class": _target_from(ex)}
+
+
+def _target_from(extras: dict) -> int | None:
+    t = extras.get("target_class")
+    return int(t) if t is not None else None
+
+
+def admit_teacher(source: str | os.PathLike[str]) -> Teacher:
+    """Load a teacher file safely (refusing anything unsafe), once per process (keyed by its content hash)."""
+    src = Path(source)
+    sha = file_sha256(src)
+
+    def make() -> Teacher:
+        loaded = load_encoder(src)
+        return Teacher(src, str(source), sha, loaded, fingerprint_encoder(loaded.encoder))
+
+    return _teachers.get_or(sha, make)
+
+
+def keep_copy(teacher: Teacher, copy_dir: str | Path) -> Teacher:
+    """The teacher, now read from a content-addressed copy ``copy_dir/<sha256>.<suffix>`` that every later
+    stage reads; a file replaced since it was hashed is refused."""
+    path = Path(copy_dir) / f"{teacher.sha256}{teacher.path.suffix.lower() or '.bin'}"
+    if not path.exists() or file_sha256(path) != teacher.sha256:
+        copy_file(teacher.path, path)
+        if file_sha256(path) != teacher.sha256:
+            path.unlink(missing_ok=True)
+            raise DataError(f"{teacher.source}: the file changed while it was being read; try again")
+    return dataclasses.replace(teacher, path=path)
+
+
+def load_teacher(path: str | os.PathLike[str]) -> LoadedEncoder:
+    """A model file loaded once per process (keyed by its content hash), for stages that only read it."""
+    return admit_teacher(path).loaded
+
+
+def _data_key(cfg: Config, source: str) -> tuple:
+    if source == "synthetic":
+        return (source, cfg.data.synthetic_train, cfg.data.synthetic_test, cfg.seed)
+    p = Path(source)
+    try:
+        st = p.stat()
+        return (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    except OSError:
+        return (source,)
+
+
+def load_data(cfg: Config, source: str | None = None) -> Dataset:
+    """The dataset named by ``source`` (default ``data.source``), loaded once per process."""
+    src = source or cfg.data.source
+
+    def make() -> Dataset:
+        ds = load_dataset(src, synthetic_train=cfg.data.synthetic_train, synthetic_test=cfg.data.synthetic_test, seed=cfg.seed)
+        if ds.skipped:
+            log.warning("%s: skipped %d unreadable image(s)", src, ds.skipped)
+        return ds
+
+    return _datasets.get_or(_data_key(cfg, src), make)
+
+
+def clean_subset(cfg: Config, ds: Dataset) -> ImageSet:
+    """The defender's clean set D: ``data.clean_size`` stratified images of the training split."""
+    n = len(ds.train)
+    if n <= cfg.data.clean_size:
+        return ds.train
+    return ds.train.subset(stratified_indices(n, ds.train.y, cfg.data.clean_size, cfg.seed))
+
+
+def clean_version(clean: ImageSet) -> str:
+    """Content hash of the clean set (the images and labels MI and distillation see)."""
+    return content_hash(clean.x, clean.y)
+
+
+def require_clean_size(cfg: Config, clean: ImageSet, source: str = "clean set") -> None:
+    """Distillation needs at least one full batch of clean images."""
+    need = max(cfg.distill.batch_size, 2)
+    if len(clean) < need:
+        raise DataError(f"clean set: {len(clean)} images, fewer than one batch ({cfg.distill.batch_size}) in {source}; "
+                        "add images or lower distill.batch_size")
+
+
+def labelled_train(cfg: Config, ds: Dataset) -> ImageSet:
+    """The labelled images a probe trains on: ``evaluate.train_size`` stratified (0 = all)."""
+    size = cfg.evaluate.train_size
+    if size <= 0 or size >= len(ds.train):
+        return ds.train
+    return ds.train.subset(stratified_indices(len(ds.train), ds.train.y, size, cfg.seed + 1))
+
+
+@dataclass(frozen=True)
+class Attack:
+    """The trigger and target class used to measure ASR, and where they came from."""
+
+    trigger: Trigger | None
+    target: int | None
+    source: str | None  # "given" (--trigger/--target-class), "teacher" (stored in the file), None
+
+    @property
+    def known(self) -> bool:
+        return self.trigger is not None and self.target is not None
+
+    @property
+    def trigger_id(self) -> str | None:
+        return content_hash(self.trigger.patch, self.trigger.mask) if self.trigger is not None and self.known else None
+
+    def identity(self) -> dict[str, Any]:
+        return {"trigger_id": self.trigger_id, "target": self.target if self.known else None}
+
+
+NO_ATTACK = Attack(None, None, None)
+
+
+def resolve_attack(teacher: LoadedEncoder | None, trigger_path: str | None = None, target: int | None = None) -> Attack:
+    """The ASR trigger + target: from ``--trigger``/``--target-class``, else from the teacher file."""
+    trigger = Trigger.load_npz(trigger_path) if trigger_path else (Trigger.from_extras(teacher.extras) if teacher else None)
+    given = bool(trigger_path) or target is not None
+    if target is None and teacher is not None:
+        target = _target_from(teacher.extras)
+    if trigger is None or target is None:
+        return NO_ATTACK
+    return Attack(trigger, int(target), "given" if given else "teacher")

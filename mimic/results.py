@@ -1,0 +1,107 @@
+"""The one results schema: what ``mimic demo``, ``mimic audit``, the Prefect flow and ``dvc repro`` write.
+
+``results.json`` is versioned (``schema``) and described by ``docs/results.schema.json``. Accuracies
+are percentages; the ``teacher_*``/``student_*`` shortcuts are the primary probe's numbers, every
+probe's are under ``probes``. The environment is stamped here, once, for every command.
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+SCHEMA = "mimic.results/1"
+
+
+def git_revision() -> str | None:
+    """The source checkout's git revision, when mimic runs from one."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev.stdout.strip() or None
+
+
+def environment(device: str = "auto", seed: int | None = None) -> dict[str, Any]:
+    """Plain facts about where a run happened: versions, device, threads, seed, git revision."""
+    import torch
+
+    from mimic import __version__
+    from mimic.runtime import resolve_device
+
+    dev = resolve_device(device)
+    info: dict[str, Any] = {
+        "mimic": __version__, "torch": torch.__version__, "python": platform.python_version(),
+        "device": str(dev), "threads": torch.get_num_threads(), "seed": seed, "git": git_revision(),
+    }
+    if dev.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(dev)
+    return info
+
+
+def primary_probe(probe_setting: str) -> str:
+    """The probe whose numbers are the headline (``evaluate.probe``: linear, mlp or both -> linear)."""
+    return "mlp" if probe_setting == "mlp" else "linear"
+
+
+def _pick(evaluation: Mapping | None, probe: str, what: str) -> float | None:
+    if not evaluation:
+        return None
+    return evaluation.get("probes", {}).get(probe, {}).get(what)
+
+
+def stage_record(run: Any) -> dict[str, Any]:
+    """``{"key", "cached", "seconds"}`` of a :class:`mimic.stages.StageRun`."""
+    return {"key": run.key, "cached": bool(run.cached), "seconds": round(run.seconds, 2)}
+
+
+def build_results(
+    cfg: Any, *, kind: str, teacher: Mapping[str, Any], data: Mapping[str, Any], mi: Mapping[str, Any],
+    weights: list[float], student: Mapping[str, Any], evaluations: Mapping[str, Mapping], attack: Any, stages: Mapping[str, Mapping],
+    seconds: float, audit_key: str, out: str | None = None,
+) -> dict[str, Any]:
+    """Assemble ``results.json`` (see the module docstring) and the gate's verdict."""
+    from mimic.gate import judge
+
+    probe = primary_probe(cfg.evaluate.probe)
+    t, s = evaluations.get("teacher"), evaluations.get("student")
+    res: dict[str, Any] = {
+        "schema": SCHEMA,
+        "kind": kind,
+        "audit_key": audit_key,
+        "teacher_ca": _pick(t, probe, "ca"),
+        "teacher_asr": _pick(t, probe, "asr"),
+        "student_ca": _pick(s, probe, "ca"),
+        "student_asr": _pick(s, probe, "asr"),
+    }
+    if "clean" in evaluations:
+        res["clean_ca"] = _pick(evaluations["clean"], probe, "ca")
+        res["clean_asr"] = _pick(evaluations["clean"], probe, "asr")
+    res.update({
+        "probe": probe,
+        "probes": {who: dict(e["probes"]) for who, e in evaluations.items()},
+        "target_class": attack.target if attack.known else None,
+        "trigger": {"source": attack.source if attack.known else None, "id": attack.trigger_id},
+        "mi": dict(mi["mi"]),
+        "weights": {k: float(w) for k, w in zip(mi["stages"], weights)},
+        "mi_network": mi["network"],
+        "teacher": dict(teacher),
+        "student": dict(student),
+        "data": dict(data),
+        "stages": {k: dict(v) for k, v in stages.items()},
+        "cached": {k: bool(v["cached"]) for k, v in stages.items()},
+        "stage_seconds": {k: float(v["seconds"]) for k, v in stages.items()},
+        "seconds": round(seconds, 2),
+        "environment": environment(cfg.device, cfg.seed),
+        "config": cfg.to_dict(),
+    })
+    if out is not None:
+        res["out"] = out
+    res["verdict"] = judge(res["teacher_ca"], res["student_ca"], res["student_asr"], cfg.gate).to_dict()
+    return res

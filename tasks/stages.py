@@ -1,0 +1,59 @@
+"""The audit's stages as Prefect tasks, cached on the stage keys of ``mimic.identity``.
+
+``prefect_runner(cache)`` is the runner the flow gives :func:`mimic.audit.run_audit`: each stage
+becomes a task named after it (``mi``, ``distill``, ``evaluate-teacher``, ...). The task's cache
+key *is* the stage key, and Prefect's cache record lives inside the stage's own directory
+(``ROOT/<stage>/<key>/prefect-record``): one layer of identity, and a stage directory that is
+deleted takes its Prefect cache record with it. A record whose stage outputs are incomplete is
+discarded before Prefect looks it up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import CachePolicy
+
+from mimic.audit import Runner
+from mimic.cache import StageCache
+from mimic.stages.common import StagePlan, StageRun
+
+RECORD = "prefect-record"
+
+
+@dataclass
+class StageKeyPolicy(CachePolicy):
+    """Prefect's cache key for a stage run = the stage key (its record kept in the stage directory)."""
+
+    stage: str = ""
+    key: str = ""
+    root: str = ""
+
+    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str:
+        cache = StageCache(self.root)
+        record = cache.dir(self.stage, self.key) / RECORD
+        if cache.lookup(self.stage, self.key) is None:
+            record.unlink(missing_ok=True)  # outputs gone or unfinished: the record must not answer for them
+        return f"{self.stage}/{self.key}/{RECORD}"
+
+
+def prefect_runner(cache: StageCache, *, timeout_seconds: float | None = None) -> Runner:
+    """Run each stage plan as a cached Prefect task (``timeout_seconds`` bounds a hung stage)."""
+    root = str(Path(cache.root).resolve())
+
+    def run(plan: StagePlan) -> StageRun:
+        policy = StageKeyPolicy(stage=plan.stage, key=plan.key, root=root).configure(key_storage=root)
+
+        def stage_task() -> dict:
+            return plan.run(cache).to_dict()
+
+        t = task(stage_task, name=plan.name, task_run_name=plan.name, cache_policy=policy, persist_result=True,
+                 result_serializer="json", cache_result_in_memory=False, timeout_seconds=timeout_seconds)
+        state = t(return_state=True)
+        result = state.result()  # raises the stage's own error when it failed
+        return StageRun.from_dict(result, cached=state.name == "Cached" or bool(result["cached"]))
+
+    return run

@@ -1,0 +1,128 @@
+"""House rules that keep the architecture honest: a light core, one identity, small modules."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mimic import identity
+from mimic.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("prefect", "mlflow", "boto3", "botocore", "dvc", "dvc_data", "dvc_objects", "s3transfer")
+
+BLOCKER = f"""
+import importlib.abc, pkgutil, sys, importlib
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {HEAVY!r}:
+            raise ImportError(f"blocked: {{name}}")
+        return None
+sys.meta_path.insert(0, Block())
+import mimic
+names = sorted(m.name for m in pkgutil.walk_packages(mimic.__path__, "mimic.") if not m.name.endswith("__main__"))
+for n in names:
+    importlib.import_module(n)
+from mimic.audit import run_audit
+from mimic.cli import build_parser
+build_parser()  # the fronts' entry point is skipped when its imports fail
+print(len(names))
+"""
+
+
+def test_every_core_module_imports_with_orchestration_blocked():
+    """Rule 3: ``import mimic.<anything>`` works where prefect, mlflow, boto3 and dvc cannot be imported."""
+    r = subprocess.run([sys.executable, "-c", BLOCKER], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert int(r.stdout.strip()) >= 20
+
+
+def test_the_blocker_would_catch_a_heavy_import(tmp_path):
+    """The check above is real: a module importing prefect at the top fails under the blocker."""
+    pkg = tmp_path / "probe_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("import prefect\n")
+    code = BLOCKER.replace("import mimic\n", f"sys.path.insert(0, {str(tmp_path)!r})\nimport probe_pkg\nimport mimic\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode != 0 and "blocked: prefect" in r.stderr
+
+
+def test_no_module_over_400_lines():
+    big = []
+    for folder in ("mimic", "tasks", "flows", "scenarios"):
+        for p in (ROOT / folder).rglob("*.py"):
+            n = len(p.read_text().splitlines())
+            if n > 400:
+                big.append(f"{p.relative_to(ROOT)} ({n})")
+    assert not big, big
+
+
+# ---------------------------------------------------------------------------------------------
+# one identity
+
+
+def test_stage_code_closures_follow_the_data_flow():
+    """Editing a stage's code invalidates that stage (and later ones through their inputs), not the others."""
+    assert "mimic.distill" not in identity.code_modules("mi")
+    assert "mimic.mi" not in identity.code_modules("evaluate") and "mimic.distill" not in identity.code_modules("evaluate")
+    assert "mimic.evaluate" not in identity.code_modules("distill")
+    for stage in identity.STAGES:
+        mods = identity.code_modules(stage)
+        assert f"mimic.stages.{stage}" in mods and "mimic.runtime" in mods
+        assert not any(identity._neutral(m) for m in mods)
+
+
+def test_editing_one_stage_changes_only_its_key(monkeypatch, tmp_path):
+    cfg = load_config(profile="tiny")
+    inputs = {"teacher": "t", "clean": "c", "weights": [1.0]}
+    before = {s: identity.stage_key(s, cfg, inputs) for s in identity.STAGES}
+    edited = tmp_path / "distill.py"
+    edited.write_text((ROOT / "mimic" / "distill.py").read_text() + "\n# an edit\n")
+    real = identity._module_file
+    monkeypatch.setattr(identity, "_module_file", lambda m: edited if m == "mimic.distill" else real(m))
+    identity.code_hash.cache_clear()
+    try:
+        after = {s: identity.stage_key(s, cfg, inputs) for s in identity.STAGES}
+    finally:
+        identity.code_hash.cache_clear()
+    changed = {s for s in identity.STAGES if before[s] != after[s]}
+    assert changed == {s for s in identity.STAGES if "mimic.distill" in identity.code_modules(s)} == {"distill"}
+
+
+def test_keys_cover_what_changes_results_and_only_that():
+    base = load_config(profile="tiny")
+    inputs = {"teacher": "t", "clean": "c"}
+    key = identity.stage_key
+    assert key("distill", base, inputs) != key("distill", load_config(profile="tiny", sets=["precision=bf16"]), inputs)
+    assert key("distill", base, inputs) != key("distill", base, {**inputs, "teacher": "u"})
+    assert key("distill", base, inputs) != key("distill", load_config(profile="tiny", sets=["distill.lr=0.5"]), inputs)
+    # params another stage reads, and the gate, do not touch this stage's key
+    for s in ("mi.epochs=9", "evaluate.epochs=3", "gate.max_asr=50", "timeouts.lock=5"):
+        assert key("distill", base, inputs) == key("distill", load_config(profile="tiny", sets=[s]), inputs), s
+    # the resume lineage ignores the epoch count only
+    longer = load_config(profile="tiny", sets=["distill.epochs=9"])
+    assert key("distill", base, inputs) != key("distill", longer, inputs)
+    assert identity.lineage_key("distill", base, inputs) == identity.lineage_key("distill", longer, inputs)
+    assert identity.runtime_identity(load_config(sets=["precision=bf16"])) == {"device": "cpu", "precision": "bfloat16"}
+
+
+def _dvc_stages() -> dict:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+@pytest.mark.parametrize("dvc_stage, stages", [("teacher", ("pretrain", "attack")), ("mi", ("mi",)),
+                                               ("distill", ("distill",)), ("evaluate", ("evaluate",))])
+def test_dvc_stages_depend_on_the_code_and_params_of_their_stage(dvc_stage, stages):
+    """DVC reruns a stage when its code changes: dvc.yaml deps = the identity's code files."""
+    st = _dvc_stages()[dvc_stage]
+    deps = {d for d in st["deps"] if d.startswith("mimic/")}
+    assert deps == set().union(*[set(identity.code_files(s)) for s in stages])
+    params = set(st["params"])
+    for s in stages:
+        for p in identity.STAGES[s].params:
+            assert p in params or any(p.startswith(q + ".") for q in params), (s, p)
+    assert {"device", "precision"} <= params  # the runtime identity
