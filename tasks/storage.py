@@ -1,4 +1,4 @@
-"""Storing the sanitized student (local directory by default, S3 when the store URI says so)."""
+"""Storing the audited student (local directory by default, S3 when the store URI says so)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from tasks.common import NETWORK
 
 @task(name="store-student", **NETWORK)
 def store_student_task(student_file: str, teacher_fingerprint: str, meta: dict, store_uri: str | None, run: str | None = None) -> dict:
-    """Verified, atomic upload under ``students/<teacher fingerprint>/<run>/`` (student, then ``meta.json``)."""
+    """Verified, atomic upload under ``<sanitized|quarantine>/<teacher fingerprint>/<run>/`` (by the
+    verdict in ``meta``; student, then ``meta.json``)."""
     from mimic.store import open_store, store_student
 
     store = open_store(store_uri)
-    return {"store": store.uri, **store_student(store, teacher_fingerprint, student_file, meta, run)}
+    return {"store": store.uri, **store_student(store, teacher_fingerprint, student_file, meta, run,
+                                                     verdict=meta["verdict"]["verdict"])}
