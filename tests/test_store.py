@@ -478,3 +478,19 @@ def test_importing_the_store_does_not_import_boto3():
     code = "import sys, mimic, mimic.store; print('boto3' in sys.modules, 'botocore' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "False False", r.stdout + r.stderr
+
+
+def test_without_boto3_local_stores_work_and_s3_says_what_is_missing(tmp_path):
+    code = ("import sys\n"
+            "for m in ('boto3', 'botocore', 's3transfer'): sys.modules[m] = None  # not importable\n"
+            "from mimic.errors import StoreError\n"
+            "from mimic.store import open_store\n"
+            f"local = open_store({str(tmp_path / 's')!r})\n"
+            "local.put_json({'a': 1}, 'k/meta.json')\n"
+            "print([o['key'] for o in local.list()])\n"
+            "try:\n"
+            "    open_store('s3://bucket/p').exists('k')\n"
+            "except StoreError as e:\n"
+            "    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.splitlines() == ["['k/meta.json']", "s3:// stores need boto3 (pip install boto3)"], r.stdout + r.stderr

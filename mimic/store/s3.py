@@ -201,13 +201,13 @@ class S3Store(Store):
 
         ``on_status`` maps HTTP statuses to return values (e.g. ``{404: None}`` for a lookup).
         """
-        from botocore.exceptions import ClientError
-
         try:
             return fn()
         except StoreError:
             raise
         except Exception as e:
+            from botocore.exceptions import ClientError
+
             cause, _ = s3errors.unwrap(e)
             if on_status and isinstance(cause, ClientError):
                 status = s3errors.client_error(cause)[0]
