@@ -47,7 +47,7 @@ def audit_flow(
     t0 = time.perf_counter()
     cfg = config_from_dict(params)
     retries = {} if network_retries is None else {"retries": network_retries}
-    local = fetch_teacher(teacher, str(Path(root) / "fetched"))
+    local = fetch_teacher(teacher, str(Path(root) / "fetched"), network_retries)
     req = AuditRequest(teacher=local, data=data, eval_data=eval_data, trigger=trigger, target=target, teacher_uri=teacher)
     inputs = prepare(cfg, req, root)
     data_version = version_data(data, inputs.data.version)

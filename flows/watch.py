@@ -121,7 +121,7 @@ def watch_flow(
             local = None
         else:
             try:
-                local = fetch_teacher(cand["uri"], str(Path(root) / "fetched"))
+                local = fetch_teacher(cand["uri"], str(Path(root) / "fetched"), network_retries)
                 fp = admit_teacher(local).fingerprint
             except CheckpointError as exc:
                 log.warning("%s: refused: %s", cand["name"], exc)

@@ -12,6 +12,8 @@ tracking server, ...) and injects the failures a real network produces::
         proxy.drop_uploads(after=65536)       # every request with a longer body is cut after 64 KiB
         proxy.drop_uploads(after=65536, times=1)   # ... only the next one
         proxy.corrupt_next_upload()           # flip one byte in the next request body
+        proxy.truncate_responses(after=1000, times=1)   # cut the next response body after 1000 bytes
+        proxy.strip_request_header("x-amz-server-side-encryption")   # a server that ignores a header
         proxy.refuse()                        # accept and reset every connection ("endpoint down")
         proxy.heal()                          # back to a clean pass-through
         proxy.requests                        # [Request(method, path, outcome, body_bytes), ...]
@@ -148,6 +150,11 @@ class FaultProxy:
       ``times=None`` means every such request, else only the next ``times``.
     * ``corrupt_next_upload(times=1)``: flip one byte in the middle of the next request body
       and forward it (a server that does not verify checksums stores it).
+    * ``truncate_responses(after, times=None)``: relay the status and headers of responses with a
+      longer body, then only ``after`` bytes of it, then reset the connection (a download cut
+      mid-stream); ``times`` as for ``drop_uploads``.
+    * ``strip_request_header(name)``: forward requests without header ``name`` (a server that
+      ignores it, e.g. one that does not encrypt).
     """
 
     def __init__(self, upstream: str, *, host: str = HOST, port: int = 0, io_timeout: float = 30.0) -> None:
@@ -176,6 +183,9 @@ class FaultProxy:
             self._drop_after: int | None = None
             self._drop_times: int | None = None
             self._corrupt = 0
+            self._truncate_after: int | None = None
+            self._truncate_times: int | None = None
+            self._strip: set[str] = set()
 
     def refuse(self, enabled: bool = True) -> None:
         """Reset every new connection (True) or accept them again (False)."""
@@ -196,6 +206,16 @@ class FaultProxy:
         """Flip a byte in the bodies of the next ``times`` requests that have a body."""
         with self._lock:
             self._corrupt += times
+
+    def truncate_responses(self, after: int, times: int | None = None) -> None:
+        """Cut response bodies longer than ``after`` bytes after ``after`` bytes (then reset)."""
+        with self._lock:
+            self._truncate_after, self._truncate_times = after, times
+
+    def strip_request_header(self, name: str) -> None:
+        """Forward requests without the header ``name`` (case-insensitive)."""
+        with self._lock:
+            self._strip.add(name.lower())
 
     def log(self, method: str | None = None, outcome: str | None = None) -> list[Request]:
         """The requests seen so far, filtered by method and/or outcome."""
@@ -262,6 +282,17 @@ class FaultProxy:
                 self._drop_times -= 1
             return after
 
+    def _take_truncate(self, body_len: int) -> int | None:
+        with self._lock:
+            after = self._truncate_after
+            if after is None or body_len <= after:
+                return None
+            if self._truncate_times is not None:
+                if self._truncate_times <= 0:
+                    return None
+                self._truncate_times -= 1
+            return after
+
     def _take_corrupt(self) -> bool:
         with self._lock:
             if self._corrupt > 0:
@@ -303,8 +334,10 @@ class FaultProxy:
                 mid = len(body) // 2
                 body = body[:mid] + bytes([body[mid] ^ 0xFF]) + body[mid + 1:]
                 outcome = "corrupted"
-            self._record(method, path, outcome, len(body))
-            self._forward(conn, line, headers, body, chunked)
+            with self._lock:
+                strip = set(self._strip)
+            headers = [(k, v) for k, v in headers if k.lower() not in strip]
+            self._forward(conn, line, headers, body, chunked, method, path, outcome)
         except (OSError, _Closed):
             pass
         finally:
@@ -313,7 +346,7 @@ class FaultProxy:
                 conn.close()
 
     def _forward(self, conn: socket.socket, line: str, headers: list[tuple[str, str]], body: bytes,
-                 chunked: bool) -> None:
+                 chunked: bool, method: str, path: str, outcome: str) -> None:
         drop = {"connection", "expect", "keep-alive", "proxy-connection"}
         if chunked:  # the body was de-chunked: send it with a length instead
             drop |= {"transfer-encoding", "content-length"}
@@ -328,8 +361,14 @@ class FaultProxy:
             status_line, resp_headers = _read_head(resp)
             resp_kept = [(k, v) for k, v in resp_headers if k.lower() not in {"connection", "keep-alive"}]
             resp_kept.append(("Connection", "close"))
+            cut = None if method == "HEAD" else self._take_truncate(_content_length(resp_headers) or 0)
+            self._record(method, path, outcome if cut is None else "truncated", len(body))
             conn.sendall((status_line + "\r\n" + "".join(f"{k}: {v}\r\n" for k, v in resp_kept)
                           + "\r\n").encode("latin-1"))
+            if cut is not None:
+                conn.sendall(_read_exact(resp, cut))
+                _reset(conn)
+                return
             while chunk := resp.read1(65536):
                 conn.sendall(chunk)
 

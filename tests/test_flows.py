@@ -67,11 +67,11 @@ def test_audit_with_s3_store_and_registry_gate(pipeline_env, tiny_teachers, s3_e
     import boto3
     from mlflow import MlflowClient
 
-    store = f"s3://{s3_env}/sanitized"
+    store = f"s3://{s3_env}/mimic"
     res, _ = _audit(tiny_teachers["teacher"], store=store)
     fp = res["teacher"]["fingerprint"]
     s3 = boto3.client("s3")
-    prefix = f"sanitized/students/{fp}/{res['audit_key']}/"
+    prefix = f"mimic/sanitized/{fp}/{res['audit_key']}/"
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=s3_env, Prefix=prefix)["Contents"])
     assert keys == [prefix + "meta.json", prefix + "student.safetensors"]
     body = s3.get_object(Bucket=s3_env, Key=prefix + "student.safetensors")["Body"].read()
@@ -101,6 +101,7 @@ def test_audit_with_s3_store_and_registry_gate(pipeline_env, tiny_teachers, s3_e
     assert all(strict["cached"].values())  # only the gate changed: nothing heavy re-ran
     rej = client.get_model_version(name, strict["mlflow"]["registry"]["version"])
     assert rej.version != mv.version and rej.tags["verdict"] == "rejected" and "ASR" in rej.tags["verdict_reason"]
+    assert strict["store"]["student_uri"].startswith(f"s3://{s3_env}/mimic/quarantine/{fp}/{strict['audit_key']}/")
     assert client.get_model_version_by_alias(name, "sanitized").version == mv.version
 
 

@@ -14,11 +14,12 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from mimic.errors import MimicError, StoreError
+from mimic.errors import MimicError, StoreError, StoreUnavailable
 from mimic.store import LocalStore, S3Store, fetch, open_store, store_student
 from services import free_port
 
@@ -76,7 +77,8 @@ def test_local_put_get_roundtrip_and_idempotent_skip(tmp_path):
     src = _write(tmp_path / "a.bin", 300_000)
     put = store.put_file(src, "runs/x/a.bin")
     dest = tmp_path / "store" / "runs" / "x" / "a.bin"
-    assert put == {"uri": str(dest), "key": "runs/x/a.bin", "sha256": _sha(src), "size": 300_000, "uploaded": True}
+    assert put == {"uri": str(dest), "key": "runs/x/a.bin", "sha256": _sha(src), "size": 300_000, "uploaded": True,
+                   "version_id": None}
     assert dest.read_bytes() == src.read_bytes()
     assert store.sha256("runs/x/a.bin") == _sha(src) and store.exists("runs/x/a.bin")
     assert store.sha256("runs/x/none") is None and not store.exists("runs/x/none")
@@ -130,7 +132,7 @@ def test_local_uris_and_keys(tmp_path, monkeypatch):
     assert open_store(f"file://{tmp_path}/st").root == tmp_path / "st"
     assert open_store("rel/dir").root == tmp_path / "rel" / "dir"
     src = _write(tmp_path / "f", 10)
-    for bad in ["", "/abs", "a/../b", "a//b", "./a", "a/", "a\\b", "a/.mimic-tmp-x"]:
+    for bad in ["", "/abs", "a/../b", "a//b", "./a", "a/", "a\\b", "a/.mimic-tmp-x", "a\nb", "a\x1b[0m"]:
         with pytest.raises(StoreError, match="invalid store key"):
             default.put_file(src, bad)
     with pytest.raises(StoreError, match="invalid store key"):
@@ -156,20 +158,37 @@ def test_fetch_local_path_is_returned_as_is(tmp_path):
 def test_store_student_local_layout(tmp_path):
     store = LocalStore(tmp_path / "s")
     student = _write(tmp_path / "work" / "student.pt", 4000)
-    r = store_student(store, "fp123", student, {"teacher_asr": 99.0, "config": {"epochs": 2}})
-    root = tmp_path / "s" / "students" / "fp123"
-    assert r == {"student_uri": str(root / "student.pt"), "meta_uri": str(root / "meta.json"),
-                 "sha256": _sha(student), "size": 4000, "uploaded": True}
+    meta_in = {"teacher_asr": 99.0, "config": {"epochs": 2}}
+    r = store_student(store, "fp123", student, meta_in, "run1", verdict="sanitized")
+    root = tmp_path / "s" / "sanitized" / "fp123" / "run1"
+    assert r == {"area": "sanitized", "student_uri": str(root / "student.pt"), "meta_uri": str(root / "meta.json"),
+                 "sha256": _sha(student), "size": 4000, "uploaded": True, "version_id": None, "meta_version_id": None}
     meta = json.loads((root / "meta.json").read_text())
     assert meta == {"teacher_asr": 99.0, "config": {"epochs": 2}, "sha256": _sha(student), "size": 4000,
-                    "teacher_fingerprint": "fp123", "student_uri": str(root / "student.pt")}
+                    "teacher_fingerprint": "fp123", "run": "run1", "area": "sanitized",
+                    "student_uri": str(root / "student.pt"), "student_version_id": None}
     assert _sha(root / "student.pt") == meta["sha256"]
-    assert store_student(store, "fp123", student, {"teacher_asr": 99.0, "config": {"epochs": 2}})["uploaded"] is False
-    _write(student, 5000, seed=3)  # a different student for the same teacher replaces the old one
-    r2 = store_student(store, "fp123", student, {})
-    assert r2["uploaded"] is True and json.loads((root / "meta.json").read_text())["sha256"] == _sha(root / "student.pt")
+    again = store_student(store, "fp123", student, meta_in, "run1", verdict="sanitized")
+    assert again["uploaded"] is False
+    _write(student, 5000, seed=3)  # a different student for the same teacher and run replaces the old one
+    r2 = store_student(store, "fp123", student, {}, "run1", verdict="sanitized")
+    assert r2["uploaded"] is True
+    assert json.loads((root / "meta.json").read_text())["sha256"] == _sha(root / "student.pt")
+
+    rejected = store_student(store, "fp123", student, {}, "run2", verdict="rejected")
+    qroot = tmp_path / "s" / "quarantine" / "fp123" / "run2"
+    assert rejected["area"] == "quarantine" and rejected["student_uri"] == str(qroot / "student.pt")
+    assert json.loads((qroot / "meta.json").read_text())["area"] == "quarantine"
+    assert [e["key"] for e in store.list("sanitized/")] == ["sanitized/fp123/run1/meta.json",
+                                                            "sanitized/fp123/run1/student.pt"]
+    assert [e["key"] for e in store.list("quarantine/")] == ["quarantine/fp123/run2/meta.json",
+                                                             "quarantine/fp123/run2/student.pt"]
     with pytest.raises(StoreError, match="invalid teacher fingerprint"):
-        store_student(store, "../x", student, {})
+        store_student(store, "../x", student, {}, "r", verdict="sanitized")
+    with pytest.raises(StoreError, match="invalid run name"):
+        store_student(store, "fp", student, {}, "a/b", verdict="sanitized")
+    with pytest.raises(StoreError, match="invalid verdict 'passed'"):
+        store_student(store, "fp", student, {}, "r", verdict="passed")
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,7 +202,7 @@ def test_s3_put_get_roundtrip_with_checksum_and_metadata(s3_env, s3_endpoint, tm
     src = _write(tmp_path / "w.bin", 200_000)
     put = store.put_file(src, "enc/w.bin")
     assert put == {"uri": f"s3://{bucket}/runs/a/enc/w.bin", "key": "enc/w.bin", "sha256": _sha(src),
-                   "size": 200_000, "uploaded": True}
+                   "size": 200_000, "uploaded": True, "version_id": None}
 
     raw = _raw(s3_endpoint)
     head = raw.head_object(Bucket=bucket, Key="runs/a/enc/w.bin", ChecksumMode="ENABLED")
@@ -235,18 +254,22 @@ def test_s3_multipart_roundtrip(s3_env, s3_endpoint, tmp_path):
 def test_store_student_s3_writes_meta_last(s3_env, s3_endpoint, fault_proxy, tmp_path):
     store = open_store(f"s3://{s3_env}/audits", endpoint_url=fault_proxy.url)
     student = _write(tmp_path / "student.safetensors", 30_000)
-    r = store_student(store, "abc123", student, {"student_asr": 1.5})
-    base = f"s3://{s3_env}/audits/students/abc123"
-    assert r == {"student_uri": f"{base}/student.safetensors", "meta_uri": f"{base}/meta.json",
-                 "sha256": _sha(student), "size": 30_000, "uploaded": True}
+    r = store_student(store, "abc123", student, {"student_asr": 1.5}, "k1", verdict="sanitized")
+    base = f"s3://{s3_env}/audits/sanitized/abc123/k1"
+    assert r == {"area": "sanitized", "student_uri": f"{base}/student.safetensors", "meta_uri": f"{base}/meta.json",
+                 "sha256": _sha(student), "size": 30_000, "uploaded": True, "version_id": None,
+                 "meta_version_id": None}
     writes = [q.path.rsplit("/", 1)[-1] for q in fault_proxy.log("PUT")]
     assert writes == ["student.safetensors", "meta.json"]
     raw = _raw(s3_endpoint)
-    meta = json.loads(raw.get_object(Bucket=s3_env, Key="audits/students/abc123/meta.json")["Body"].read())
+    meta = json.loads(raw.get_object(Bucket=s3_env, Key="audits/sanitized/abc123/k1/meta.json")["Body"].read())
     assert meta == {"student_asr": 1.5, "sha256": _sha(student), "size": 30_000, "teacher_fingerprint": "abc123",
-                    "student_uri": f"{base}/student.safetensors"}
-    body = raw.get_object(Bucket=s3_env, Key="audits/students/abc123/student.safetensors")["Body"].read()
+                    "run": "k1", "area": "sanitized", "student_uri": f"{base}/student.safetensors",
+                    "student_version_id": None}
+    body = raw.get_object(Bucket=s3_env, Key="audits/sanitized/abc123/k1/student.safetensors")["Body"].read()
     assert hashlib.sha256(body).hexdigest() == meta["sha256"]
+    head = raw.head_object(Bucket=s3_env, Key="audits/sanitized/abc123/k1/student.safetensors", ChecksumMode="ENABLED")
+    assert head["ChecksumSHA256"] == base64.b64encode(hashlib.sha256(body).digest()).decode()
 
 
 def test_fetch_s3_downloads_once_and_refetches_a_changed_object(s3_env, s3_endpoint, fault_proxy, tmp_path):
@@ -281,34 +304,67 @@ def test_fetch_missing_s3_object_or_bucket(s3_env, tmp_path):
 # faults
 
 
-def test_endpoint_down_fails_after_exactly_retries_attempts_with_bounded_backoff(s3_env, fault_proxy, tmp_path):
+def test_endpoint_down_fails_after_exactly_retries_attempts(s3_env, fault_proxy, tmp_path):
     fault_proxy.refuse()
-    store = open_store(f"s3://{s3_env}", endpoint_url=fault_proxy.url, retries=4, backoff=0.01)
+    store = open_store(f"s3://{s3_env}", endpoint_url=fault_proxy.url, retries=3)
     src = _write(tmp_path / "w.bin", 1000)
+    store.client  # boto3 loaded and the client built before the clock starts
     t0 = time.monotonic()
-    with pytest.raises(StoreError) as e:
+    with pytest.raises(StoreUnavailable) as e:
         store.put_file(src, "w.bin")
     elapsed = time.monotonic() - t0
     msg = _one_line(e)
-    assert msg.startswith(f"s3://{s3_env}/w.bin: upload failed after 4 attempts: "), msg
-    assert fault_proxy.connections == 4
-    assert 0.07 <= elapsed < 3, elapsed  # sleeps 0.01 + 0.02 + 0.04
+    assert msg.startswith(f"s3://{s3_env}/w.bin: upload failed after 3 attempts: "), msg
+    assert fault_proxy.connections == 3  # botocore's retries, the only layer
+    assert elapsed < 6, elapsed  # standard mode's jittered backoff: at most 1 + 2 s
 
 
-def test_nothing_listening_fails_fast(s3_env, tmp_path):
-    store = open_store(f"s3://{s3_env}", endpoint_url=f"http://127.0.0.1:{free_port()}", retries=3, backoff=0.01)
+def test_nothing_listening_fails_fast_with_default_settings(s3_env, tmp_path):
+    store = open_store(f"s3://{s3_env}", endpoint_url=f"http://127.0.0.1:{free_port()}")
+    store.client  # boto3 loaded and the client built before the clock starts
     t0 = time.monotonic()
-    with pytest.raises(StoreError, match="download failed after 3 attempts: Could not connect") as e:
+    with pytest.raises(StoreUnavailable, match="download failed after 3 attempts: Could not connect") as e:
         store.get_file("k", tmp_path / "k")
     _one_line(e)
-    assert time.monotonic() - t0 < 3
-    with pytest.raises(StoreError, match="lookup failed after 3 attempts"):
-        store.exists("k")
+    assert time.monotonic() - t0 < 10  # defaults: 3 attempts, backoff at most 1 + 2 s
+    assert not (tmp_path / "k").exists()
+    one = open_store(f"s3://{s3_env}", endpoint_url=f"http://127.0.0.1:{free_port()}", retries=1)
+    with pytest.raises(StoreUnavailable, match="lookup failed after 1 attempts"):
+        one.exists("k")
+
+
+def test_blackholed_endpoint_is_bounded_by_the_connect_timeout(s3_env, tmp_path):
+    """A listener whose accept queue is full: the kernel drops further SYNs, connects time out."""
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        fillers = []
+        try:
+            for _ in range(4):  # fill the accept queue (never accepted)
+                c = socket.socket()
+                c.setblocking(False)
+                c.connect_ex(listener.getsockname())
+                fillers.append(c)
+            time.sleep(0.2)
+            store = open_store(f"s3://{s3_env}", endpoint_url=url, retries=2, connect_timeout=0.5)
+            store.client  # boto3 loaded and the client built before the clock starts
+            t0 = time.monotonic()
+            with pytest.raises(StoreUnavailable, match="lookup failed after 2 attempts: Connect timeout") as e:
+                store.exists("k")
+            elapsed = time.monotonic() - t0
+        finally:
+            for c in fillers:
+                c.close()
+    _one_line(e)
+    assert 0.9 <= elapsed < 5, elapsed  # two 0.5 s connect timeouts and at most 1 s of backoff
 
 
 @pytest.mark.parametrize("status", [500, 503])
 def test_server_errors_are_retried(s3_env, s3_endpoint, fault_proxy, tmp_path, status):
-    store = open_store(f"s3://{s3_env}", endpoint_url=fault_proxy.url, backoff=0.01)
+    store = open_store(f"s3://{s3_env}", endpoint_url=fault_proxy.url)
     src = _write(tmp_path / "w.bin", 20_000)
     fault_proxy.fail_next(2, status=status)
     put = store.put_file(src, "w.bin")
@@ -316,12 +372,15 @@ def test_server_errors_are_retried(s3_env, s3_endpoint, fault_proxy, tmp_path, s
     assert _raw(s3_endpoint).get_object(Bucket=s3_env, Key="w.bin")["Body"].read() == src.read_bytes()
     fault_proxy.fail_next(1, status=status, method="GET")
     assert store.get_file("w.bin", tmp_path / "back").read_bytes() == src.read_bytes()
+    fault_proxy.fail_next(3, status=status)
+    with pytest.raises(StoreUnavailable, match=f"lookup failed after 3 attempts: HTTP {status}") as e:
+        store.exists("w.bin")
+    _one_line(e)
 
 
 @pytest.mark.parametrize("size,threshold", [(300_000, 5 * MIB), (6 * MIB, 5 * MIB)], ids=["single", "multipart"])
 def test_upload_dropped_once_is_retried_and_complete(s3_env, s3_endpoint, fault_proxy, tmp_path, size, threshold):
-    store = open_store(f"s3://{s3_env}", endpoint_url=fault_proxy.url, backoff=0.01,
-                       multipart_threshold=threshold, part_size=5 * MIB)
+    store = open_store(f"s3://{s3_env}", endpoint_url=fault_proxy.url, multipart_threshold=threshold, part_size=5 * MIB)
     src = _write(tmp_path / "w.bin", size)
     fault_proxy.drop_uploads(after=65536, times=1)
     assert store.put_file(src, "w.bin")["sha256"] == _sha(src)
@@ -334,23 +393,55 @@ def test_upload_dropped_once_is_retried_and_complete(s3_env, s3_endpoint, fault_
 
 @pytest.mark.parametrize("size,threshold", [(300_000, 5 * MIB), (6 * MIB, 5 * MIB)], ids=["single", "multipart"])
 def test_upload_that_always_drops_leaves_nothing_behind(s3_env, s3_endpoint, fault_proxy, tmp_path, size, threshold):
-    store = open_store(f"s3://{s3_env}", endpoint_url=fault_proxy.url, retries=3, backoff=0.01,
+    store = open_store(f"s3://{s3_env}", endpoint_url=fault_proxy.url, retries=3,
                        multipart_threshold=threshold, part_size=5 * MIB)
     src = _write(tmp_path / "w.bin", size)
     fault_proxy.drop_uploads(after=65536)
-    with pytest.raises(StoreError, match="upload failed after 3 attempts") as e:
+    with pytest.raises(StoreUnavailable, match="upload failed after 3 attempts") as e:
         store.put_file(src, "w.bin")
     _one_line(e)
-    assert len(fault_proxy.log(outcome="dropped")) == 3
+    # the failing request (the PUT, or a part) was tried 3 times by botocore, and no request more often
+    # (once one part has failed for good, the transfer manager stops the others)
+    per_request = Counter(q.path for q in fault_proxy.log(outcome="dropped"))
+    assert max(per_request.values()) == 3 and all(n <= 3 for n in per_request.values()), per_request
     raw = _raw(s3_endpoint)
     assert _absent(raw, s3_env, "w.bin")
-    assert _pending_uploads(raw, s3_env) == []  # the multipart upload was aborted
+    assert _pending_uploads(raw, s3_env) == []  # the transfer manager aborted the multipart upload
     if threshold < size:
         assert len(fault_proxy.log("DELETE")) == 1
 
 
+def test_truncated_download_is_requested_again_then_refused_without_a_partial_file(s3_env, s3_endpoint, fault_proxy,
+                                                                                    tmp_path):
+    data = hashlib.shake_256(b"t").digest(300_000)
+    _raw(s3_endpoint).put_object(Bucket=s3_env, Key="t.bin", Body=data)
+    store = open_store(f"s3://{s3_env}", endpoint_url=fault_proxy.url)
+    fault_proxy.truncate_responses(after=100_000, times=1)
+    out = store.get_file("t.bin", tmp_path / "dl" / "t.bin")  # s3transfer asks for the body again
+    assert out.read_bytes() == data and len(fault_proxy.log("GET", outcome="truncated")) == 1
+    fault_proxy.clear_log()
+    fault_proxy.truncate_responses(after=100_000)
+    with pytest.raises(StoreUnavailable, match="download failed after 2 attempts") as e:
+        store.get_file("t.bin", tmp_path / "dl" / "again.bin")
+    _one_line(e)
+    assert len(fault_proxy.log("GET", outcome="truncated")) == 2
+    assert sorted(p.name for p in (tmp_path / "dl").iterdir()) == ["t.bin"]  # no partial or temporary file
+
+
+def test_download_that_does_not_match_the_stored_sha256_never_appears(s3_env, s3_endpoint, tmp_path):
+    raw = _raw(s3_endpoint)
+    raw.put_object(Bucket=s3_env, Key="lie.bin", Body=b"actual bytes", Metadata={"sha256": "0" * 64})
+    store = open_store(f"s3://{s3_env}")
+    dest = _write(tmp_path / "lie.bin", 10, seed=5)
+    before = dest.read_bytes()
+    with pytest.raises(StoreError, match="download verification failed") as e:
+        store.get_file("lie.bin", dest)
+    _one_line(e)
+    assert dest.read_bytes() == before and not _tmp_leftovers(tmp_path)  # the old file is untouched
+
+
 def test_corrupted_upload_is_detected_and_deleted(s3_env, s3_endpoint, fault_proxy, tmp_path):
-    store = open_store(f"s3://{s3_env}", endpoint_url=fault_proxy.url, backoff=0.01)
+    store = open_store(f"s3://{s3_env}", endpoint_url=fault_proxy.url)
     src = _write(tmp_path / "w.bin", 10_000)
     fault_proxy.corrupt_next_upload()
     with pytest.raises(StoreError, match="upload verification failed .*ETag.*the object was deleted") as e:
@@ -362,12 +453,13 @@ def test_corrupted_upload_is_detected_and_deleted(s3_env, s3_endpoint, fault_pro
 
 def test_missing_bucket_fails_at_once_without_retries(s3_env, fault_proxy, tmp_path):
     name = f"missing-{uuid.uuid4().hex[:8]}"
-    store = open_store(f"s3://{name}/p", endpoint_url=fault_proxy.url, retries=4, backoff=1.0)
+    store = open_store(f"s3://{name}/p", endpoint_url=fault_proxy.url, retries=4)
     src = _write(tmp_path / "w.bin", 1000)
+    store.client  # boto3 loaded and the client built before the clock starts
     t0 = time.monotonic()
     with pytest.raises(StoreError) as e:
         store.put_file(src, "w.bin")
-    assert time.monotonic() - t0 < 1.0  # a single retry would have slept 1 s
+    assert time.monotonic() - t0 < 1.0  # 404s are not retried
     msg = _one_line(e)
     assert msg.startswith(f"bucket '{name}' does not exist (s3://{name}/p at {fault_proxy.url})"), msg
     assert [(q.method, q.outcome) for q in fault_proxy.requests] == [("HEAD", "forwarded"), ("HEAD", "forwarded")]
@@ -378,7 +470,8 @@ def test_missing_bucket_fails_at_once_without_retries(s3_env, fault_proxy, tmp_p
 def test_missing_credentials_name_the_env_vars(s3_env, monkeypatch, tmp_path):
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-    store = open_store(f"s3://{s3_env}", backoff=0.01)
+    store = open_store(f"s3://{s3_env}")
+    store.client  # boto3 loaded and the client built before the clock starts
     t0 = time.monotonic()
     with pytest.raises(StoreError, match="set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY") as e:
         store.exists("k")
@@ -390,3 +483,19 @@ def test_importing_the_store_does_not_import_boto3():
     code = "import sys, mimic, mimic.store; print('boto3' in sys.modules, 'botocore' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "False False", r.stdout + r.stderr
+
+
+def test_without_boto3_local_stores_work_and_s3_says_what_is_missing(tmp_path):
+    code = ("import sys\n"
+            "for m in ('boto3', 'botocore', 's3transfer'): sys.modules[m] = None  # not importable\n"
+            "from mimic.errors import StoreError\n"
+            "from mimic.store import open_store\n"
+            f"local = open_store({str(tmp_path / 's')!r})\n"
+            "local.put_json({'a': 1}, 'k/meta.json')\n"
+            "print([o['key'] for o in local.list()])\n"
+            "try:\n"
+            "    open_store('s3://bucket/p').exists('k')\n"
+            "except StoreError as e:\n"
+            "    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.splitlines() == ["['k/meta.json']", "s3:// stores need boto3 (pip install boto3)"], r.stdout + r.stderr
