@@ -9,7 +9,6 @@ import pytest
 import torch
 import torchvision
 
-from mimic import checkpoints
 from mimic.checkpoints import (
     LoadedEncoder,
     canonical_state_dict,
@@ -314,7 +313,7 @@ def test_atomic_save_leaves_no_temp_files(tmp_path, enc, monkeypatch):
     def boom(*_a, **_k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoints.torch, "save", boom)
+    monkeypatch.setattr(torch, "save", boom)
     with pytest.raises(OSError):
         save_state(tmp_path / "s.pt", {"step": 2})
     assert sorted(os.listdir(tmp_path)) == ["a.pt", "a.safetensors", "s.pt"]
