@@ -1,15 +1,13 @@
-"""Architecture inference from canonical key names and shapes (no tensor data is read), and the
-expected state dict of a spec, computed on the meta device (nothing allocated, no RNG drawn)."""
+"""Architecture inference from canonical key names and shapes (no tensor data is read)."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
 
-import torch
 from torch import Tensor
 
-from mimic.encoders import Encoder, EncoderSpec
+from mimic.encoders import EncoderSpec
 from mimic.errors import CheckpointError
 
 SUPPORTED = "cifar_resnet18 (any width), cifar_resnet50, resnet18, resnet50"
@@ -78,8 +76,3 @@ def infer_spec(state_dict: Mapping[str, Tensor]) -> EncoderSpec:
     except ValueError as exc:
         raise CheckpointError(str(exc)) from None
 
-
-def expected_state(spec: EncoderSpec) -> dict[str, Tensor]:
-    """``Encoder(spec).backbone.state_dict()`` as meta tensors: names, shapes and dtypes only."""
-    with torch.device("meta"):
-        return dict(Encoder(spec).backbone.state_dict())

@@ -4,10 +4,12 @@ Order of work for ``load_encoder`` (each step refuses with one line naming the f
 
 1. ``read_raw``: file, format, scan, load, and the walk that bounds every loaded tensor;
 2. map the keys to canonical names; validate mimic's metadata, normalisation and extras;
-3. infer the architecture from shapes; check width (``max_width``) and the metadata against it;
-4. the expected state dict is built on the *meta* device (no memory, no random numbers), its size
-   checked (``max_parameters``), and every key, shape, dtype and value of the file matched to it;
-5. only then is the encoder built (the one allocation proportional to its size) and loaded.
+3. infer the architecture from shapes; check the width against ``max_width`` -- the one free size
+   of the supported architectures, so this bounds the encoder that is built next -- and the
+   metadata against the weights;
+4. build the encoder (the one allocation proportional to its size; at most a CIFAR ResNet-18 of
+   ``max_width``: 45 M parameters at 128) and match every key, shape, dtype and value of the
+   file to it before loading.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from mimic.checkpoints.arch import expected_state, infer
+from mimic.checkpoints.arch import infer
 from mimic.checkpoints.contents import check_normalisation, check_plain, normalisation, validate_extras
 from mimic.checkpoints.layouts import imported_layout, mimic_payload
 from mimic.checkpoints.limits import DEFAULT_LIMITS, Limits
@@ -213,14 +215,11 @@ def load_encoder(
     final = EncoderSpec(arch=file_spec.arch, width=file_spec.width, mean=m, std=s)
     if final.width > limits.max_width:
         raise over_limit(source, "encoder width", final.width, "max_width", limits.max_width)
-    expected = expected_state(final)
-    size = sum(t.numel() for t in expected.values())
-    if size > limits.max_parameters:
-        raise over_limit(source, f"parameters of {final.name}", size, "max_parameters", limits.max_parameters)
-    sd = _match_keys(sd, expected, origin, source, final)
-    _check_values(sd, expected, origin, source)
 
     encoder = Encoder(final)
+    expected = encoder.backbone.state_dict()
+    sd = _match_keys(sd, expected, origin, source, final)
+    _check_values(sd, expected, origin, source)
     try:
         encoder.backbone.load_state_dict(sd, strict=True)
     except Exception as exc:  # noqa: BLE001 - should not happen after the checks above

@@ -85,7 +85,10 @@ def _check_entry(name: str, entry: Any, data_len: int, source: str, limits: Limi
         raise fail(source, f"refused: safetensors tensor {label} has unknown dtype {printable(repr(dtype), 40)}")
     if not (isinstance(shape, list) and len(shape) <= 8 and all(type(d) is int and d >= 0 for d in shape)):
         raise fail(source, f"refused: safetensors tensor {label} has an invalid shape {printable(repr(shape), 60)}")
-    if any(d > limits.max_tensor_elements for d in shape) or math.prod(shape) > limits.max_tensor_elements:
+    if shape and max(shape) > limits.max_tensor_elements:
+        raise over_limit(source, f"a dimension of safetensors tensor {label}", max(shape), "max_tensor_elements",
+                         limits.max_tensor_elements)  # fmt: skip
+    if math.prod(shape) > limits.max_tensor_elements:
         raise over_limit(source, f"elements of safetensors tensor {label}", math.prod(shape), "max_tensor_elements",
                          limits.max_tensor_elements)  # fmt: skip
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):

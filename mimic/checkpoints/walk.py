@@ -14,6 +14,11 @@ class WalkError(ValueError):
     """The structure nests deeper than allowed or contains itself."""
 
 
+def _short(where: str) -> str:
+    where = where.lstrip(".")
+    return where if len(where) <= 60 else where[:57] + "..."
+
+
 def _children(obj: Any, where: str) -> Iterator[tuple[str, Any, bool]]:
     if isinstance(obj, Mapping):
         for key, value in obj.items():
@@ -49,10 +54,10 @@ def walk(obj: Any, root: str, max_depth: int) -> Iterator[tuple[str, Any, bool]]
             yield where, value, is_key
             continue
         if id(value) in on_path:
-            raise WalkError(f"{where.lstrip('.') or 'the top level'} contains itself (a cyclic structure)")
+            raise WalkError(f"{_short(where) or 'the top level'} contains itself (a cyclic structure)")
         if id(value) in done:
             continue
         if len(path) >= max_depth:
-            raise WalkError(f"{where.lstrip('.')} nests deeper than {max_depth} levels")
+            raise WalkError(f"{_short(where)} nests deeper than {max_depth} levels")
         on_path.add(id(value))
         path.append((value, _children(value, where)))
