@@ -55,6 +55,16 @@ def test_hostile_file_is_refused_in_one_line(tmp_path, case):
     assert case.expect in err.getvalue()
 
 
+def test_names_from_the_file_cannot_forge_lines(tmp_path):
+    """Key and record names are escaped: a newline in a name stays one line of output."""
+    sd = w4_state()
+    sd["layer1.0.x\nmimic: ok: forged"] = torch.zeros(1)
+    msg = refusal(save(tmp_path / "nl.pt", sd))
+    assert "unexpected 1 key(s): layer1.0.x\\nmimic: ok: forged" in msg, msg
+    path = zip_with(tmp_path / "nl_record.pt", add=[("archive/x\ny", b"")])
+    assert "control characters" in refusal(path)
+
+
 def test_every_limit_is_explicit_and_configurable(tmp_path):
     """A refusal names the Limits field; raising that field admits the file (no hidden constant)."""
     deep = next(c for c in CASES if c.name == "deep_json_meta").build(tmp_path)

@@ -345,7 +345,8 @@ def test_missing_file(tmp_path, marker):
 def test_text_file_named_pt(tmp_path, marker):
     path = tmp_path / "teacher.pt"
     path.write_text("<html><body>404 Not Found</body></html>\n")
-    refused(path, marker, "a text file")
+    msg = refused(path, marker, "a text file")
+    assert "<html>" not in msg and "404" not in msg  # messages never quote a file's content
 
 
 def test_random_bytes(tmp_path, marker):

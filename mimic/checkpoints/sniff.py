@@ -90,11 +90,8 @@ def refuse_tar(data: bytes, source: str, max_members: int) -> Exception:
 
 def refuse_unknown(data: bytes, source: str) -> Exception:
     """Not a pickle, zip, safetensors, numpy, tar or gzip file: text or random bytes."""
-    head = data[:512]
-    if looks_like_text(head):
-        lines = head.decode("utf-8", errors="replace").strip().splitlines()
-        first = lines[0][:40] if lines else ""
-        return fail(source, f"a text file, not a model checkpoint (starts with {first!r})")
+    if looks_like_text(data[:512]):  # never quoted: a message must not carry the file's content
+        return fail(source, "a text file, not a model checkpoint (an HTML error page or a Git LFS pointer?)")
     return fail(
         source,
         "unrecognised file format (not a PyTorch zip or legacy checkpoint, not safetensors); "
