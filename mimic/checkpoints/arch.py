@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
+from mimic.checkpoints.messages import names
 from mimic.encoders import EncoderSpec
 from mimic.errors import CheckpointError
 
@@ -42,8 +43,6 @@ def _unsupported(kind: str, counts: tuple[int, ...], known: str | None, style: s
 
 def infer(state_dict: Mapping[str, Tensor]) -> EncoderSpec:
     """infer_spec raising ValueError (message without a file name)."""
-    from mimic.checkpoints.messages import names
-
     w = state_dict.get("conv1.weight")
     if not isinstance(w, Tensor):
         raise ValueError(f"unknown layout: no conv1.weight (keys: {names(sorted(state_dict)) or 'none'})")
@@ -51,6 +50,8 @@ def infer(state_dict: Mapping[str, Tensor]) -> EncoderSpec:
     kind, counts, known = describe_net(state_dict)
     if len(shape) != 4 or shape[1] != 3:
         raise ValueError(f"unsupported architecture: conv1.weight has shape {list(shape)[:8]}, expected [C, 3, k, k]")
+    if shape[0] < 1:
+        raise ValueError("unsupported architecture: conv1.weight has no output channels")
     if shape[2:] == (3, 3):
         if kind == "bottleneck":
             if shape[0] != 64 or any(c > m for c, m in zip(counts, (3, 4, 6, 3))):

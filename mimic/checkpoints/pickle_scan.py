@@ -23,6 +23,7 @@ import io
 import pickletools
 import re
 import struct
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,6 +116,12 @@ def scan_pickle(data: bytes, source: str, limits: Limits, start: int = 0) -> Pic
     Raises a CheckpointError when a limit is exceeded (code found so far is reported first);
     a truncated or malformed stream is reported in ``PickleScan.error``.
     """
+    with warnings.catch_warnings():  # protocol-0 strings with odd escapes warn: a file must not print
+        warnings.simplefilter("ignore")
+        return _scan(data, source, limits, start)
+
+
+def _scan(data: bytes, source: str, limits: Limits, start: int) -> PickleScan:
     stream = io.BytesIO(data)
     stream.seek(start)
     scan = PickleScan(end=start)
