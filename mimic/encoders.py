@@ -10,6 +10,8 @@ Architectures (names used in configs and checkpoint metadata):
   no max-pool, four stages of BasicBlocks, global average pool; 512-d at ``width=64``. ``width``
   scales every stage (width 16 gives a 128-d feature and runs ~10x faster on a CPU).
 * ``resnet18`` / ``resnet50`` -- torchvision's ImageNet networks with the classifier removed.
+* ``cifar_resnet50`` -- torchvision's ResNet-50 with the CIFAR stem (3x3 stride-1 conv1, no
+  max-pool), as SimCLR-style CIFAR code trains it; 2048-d features.
 
 Module names follow torchvision (``conv1``, ``bn1``, ``layer1`` .. ``layer4``), so stages are
 tapped by module path and plain torchvision state dicts load as they are.
@@ -26,7 +28,7 @@ from torch import Tensor, nn
 
 from mimic.errors import ConfigError
 
-ARCHITECTURES = ("cifar_resnet18", "resnet18", "resnet50")
+ARCHITECTURES = ("cifar_resnet18", "cifar_resnet50", "resnet18", "resnet50")
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 # BadEncoder / MIMIC train on CIFAR-10 with these statistics; they are the default normalisation
@@ -148,6 +150,10 @@ class Encoder(nn.Module):
             from torchvision.models import resnet18, resnet50  # ImageNet architectures only
 
             net = resnet18(weights=None) if spec.arch == "resnet18" else resnet50(weights=None)
+            if spec.arch == "cifar_resnet50":  # the CIFAR stem: 3x3 stride-1 conv1, no max-pool
+                net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+                nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+                net.maxpool = nn.Identity()
             self.feature_dim = net.fc.in_features
             net.fc = nn.Identity()
             self.backbone = net

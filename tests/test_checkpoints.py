@@ -9,7 +9,6 @@ import pytest
 import torch
 import torchvision
 
-from mimic import checkpoints
 from mimic.checkpoints import (
     LoadedEncoder,
     canonical_state_dict,
@@ -314,7 +313,7 @@ def test_atomic_save_leaves_no_temp_files(tmp_path, enc, monkeypatch):
     def boom(*_a, **_k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoints.torch, "save", boom)
+    monkeypatch.setattr(torch, "save", boom)
     with pytest.raises(OSError):
         save_state(tmp_path / "s.pt", {"step": 2})
     assert sorted(os.listdir(tmp_path)) == ["a.pt", "a.safetensors", "s.pt"]
@@ -416,3 +415,125 @@ def test_non_finite_weights_in_mimic_safetensors_are_refused(tmp_path, enc):
     save_encoder(tmp_path / "e.safetensors", enc)
     msg = error_of(tmp_path / "e.safetensors")
     assert "non-finite weights: tensor layer2.0.bn2.running_mean has 1 NaN values" in msg
+
+
+# ---------------------------------------------------------------- real-world layouts (issue 12 point 7)
+
+
+def _with_heads(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {f"{prefix}{k}": v for k, v in sd.items()}
+
+
+def _layouts(sd: dict[str, torch.Tensor]) -> dict[str, tuple[dict, tuple[str, ...]]]:
+    """file content -> ignored keys (after ``module.`` is stripped), for the wrappers seen in the wild."""
+    head = {"fc.0.weight": torch.randn(8, 32), "fc.2.weight": torch.randn(4, 8)}
+    moco = {**_with_heads(sd | head, "encoder_q."), **_with_heads(sd | head, "encoder_k."),
+            "queue": torch.randn(4, 16), "queue_ptr": torch.zeros(1, dtype=torch.long)}  # fmt: skip
+    moco_ignored = tuple(sorted([f"encoder_q.{k}" for k in head] + [f"encoder_k.{k}" for k in sd | head] + ["queue", "queue_ptr"]))
+    simsiam = {**_with_heads(sd | head, "encoder."), "predictor.0.weight": torch.randn(8, 4)}
+    mocov3 = {**_with_heads(sd, "base_encoder."), **_with_heads(sd, "momentum_encoder."), "predictor.0.weight": torch.randn(2, 2)}
+    byol = {**_with_heads(sd, "online_network.encoder."), **_with_heads(sd, "target_network.encoder."),
+            "online_network.projector.0.weight": torch.randn(2, 2)}  # fmt: skip
+    return {
+        "model.": (_with_heads(sd, "model."), ()),
+        "visual.": (_with_heads(sd, "visual."), ()),
+        "module.encoder_q. (MoCo v2)": ({f"module.{k}": v for k, v in moco.items()}, moco_ignored),
+        "encoder.+predictor (SimSiam)": (simsiam, tuple(sorted([f"encoder.{k}" for k in head] + ["predictor.0.weight"]))),
+        "encoder.+projector (SimCLR)": (_with_heads(sd, "encoder.") | {"projector.0.weight": torch.randn(2, 2)}, ("projector.0.weight",)),
+        "base/momentum_encoder (MoCo v3)": (mocov3, tuple(sorted([f"momentum_encoder.{k}" for k in sd] + ["predictor.0.weight"]))),
+        "online/target_network (BYOL)": (byol, tuple(sorted([f"target_network.encoder.{k}" for k in sd] + ["online_network.projector.0.weight"]))),
+    }
+
+
+@pytest.mark.parametrize("name", list(_layouts({})))
+def test_real_world_prefixes_and_heads(tmp_path, enc, name):
+    content, ignored = _layouts(backbone_sd(enc))[name]
+    path = tmp_path / "x.pth"
+    torch.save({"state_dict": content, "epoch": 100}, path)
+    loaded = load_encoder(path)
+    assert loaded.layout == "torchvision" and loaded.spec == EncoderSpec(width=4)
+    assert loaded.ignored == ignored
+    assert_same(loaded, enc)
+
+
+@pytest.mark.parametrize(
+    "content,words",
+    [
+        (lambda sd: _with_heads(sd, "encoder.") | _with_heads(sd, "student."), "2 candidate backbones (encoder., student.)"),
+        (lambda sd: sd | _with_heads(sd, "backbone."), "2 candidate backbones ((top level), backbone.)"),
+        (lambda sd: _with_heads(sd, "encoder_k."), "only momentum copies of a backbone (encoder_k.)"),
+        (lambda sd: _with_heads(to_research(sd), "a.") | _with_heads(sd, "b."), "2 candidate backbones (a., b.)"),
+    ],
+)
+def test_ambiguous_layouts_are_refused_with_the_candidates(tmp_path, enc, content, words):
+    torch.save({"state_dict": content(backbone_sd(enc))}, tmp_path / "amb.pt")
+    msg = error_of(tmp_path / "amb.pt")
+    assert "ambiguous layout" in msg and words in msg, msg
+
+
+def test_two_state_dicts_are_ambiguous(tmp_path, enc):
+    torch.save({"state_dict": backbone_sd(enc), "model": backbone_sd(make_encoder(seed=1))}, tmp_path / "two.pt")
+    assert "several state dicts (state_dict, model)" in error_of(tmp_path / "two.pt")
+
+
+def test_badencoder_drupe_file_layout(tmp_path, enc):
+    """The exact file BadEncoder/DRUPE write: {'epoch', 'state_dict' (DataParallel: module.f.f.*, module.g.*),
+    'optimizer'} with a real SGD state (momentum buffers are tensors). The optimizer is plain data: it is
+    read without running code and ignored."""
+    import copy
+
+    from mimic.encoders import ProjectionHead
+
+    class SimCLRBase(torch.nn.Module):
+        def __init__(self, backbone: torch.nn.Module) -> None:
+            super().__init__()
+            b = backbone
+            self.f = torch.nn.Sequential(b.conv1, b.bn1, b.relu, b.layer1, b.layer2, b.layer3, b.layer4)
+
+    class SimCLR(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.f = SimCLRBase(copy.deepcopy(enc).backbone)
+            self.g = ProjectionHead(32)
+
+    model = torch.nn.DataParallel(SimCLR())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model.module.f.f(torch.rand(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    opt.zero_grad()  # the step changed the weights: what is loaded must be what the file holds
+    path = tmp_path / "model_200.pth"
+    torch.save({"epoch": 200, "state_dict": model.state_dict(), "optimizer": opt.state_dict()}, path)
+    assert all(k.startswith("module.") for k in model.state_dict())
+    raw = read_raw(path)
+    assert any(isinstance(v["momentum_buffer"], torch.Tensor) for v in raw["optimizer"]["state"].values())
+    loaded = load_encoder(path)
+    assert loaded.layout == "research" and loaded.spec == EncoderSpec(width=4)
+    assert loaded.ignored == tuple(sorted(k[len("module."):] for k in model.state_dict() if k.startswith("module.g.")))
+    stepped = {f"{RESEARCH[k.split('.', 1)[0]]}.{k.split('.', 1)[1]}": k for k in backbone_sd(enc)}
+    got = loaded.encoder.backbone.state_dict()
+    for research_key, canonical in stepped.items():
+        assert torch.equal(got[canonical], model.state_dict()[f"module.{research_key}"]), canonical
+
+
+def test_cifar_resnet50(tmp_path):
+    """ResNet-50 with the CIFAR stem: inferred from a plain state dict, stage taps, 2048-d features."""
+    from mimic.encoders import StageTaps
+
+    torch.manual_seed(0)
+    net = Encoder(EncoderSpec(arch="cifar_resnet50")).eval()
+    assert net.backbone.conv1.weight.shape == (64, 3, 3, 3) and isinstance(net.backbone.maxpool, torch.nn.Identity)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad(), StageTaps(net, net.stage_paths()) as taps:
+        z = net(x)
+        stages = taps.take()
+    assert z.shape == (2, 2048) and [s.shape[-1] for s in stages] == [32, 16, 8, 4]
+    torch.save({"state_dict": {f"module.encoder_q.{k}": v for k, v in net.backbone.state_dict().items()}}, tmp_path / "c50.pth")
+    loaded = load_encoder(tmp_path / "c50.pth")
+    assert loaded.spec.arch == "cifar_resnet50" and loaded.spec.name == "cifar_resnet50"
+    with torch.no_grad():
+        assert torch.equal(loaded.encoder(x), z)
+    assert infer_spec(net.backbone.state_dict()) == EncoderSpec(arch="cifar_resnet50")
+    save_encoder(tmp_path / "c50.safetensors", net)
+    assert load_encoder(tmp_path / "c50.safetensors", spec=EncoderSpec(arch="cifar_resnet50")).layout == "mimic+safetensors"
+    with pytest.raises(CheckpointError, match="wrong architecture: file holds cifar_resnet50, expected resnet50"):
+        load_encoder(tmp_path / "c50.pth", spec=EncoderSpec(arch="resnet50"))

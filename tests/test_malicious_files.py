@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from mimic.checkpoints import load_encoder, load_state, read_raw
+from mimic.checkpoints import Limits, load_encoder, load_state, read_raw
 from mimic.cli import main
 from mimic.encoders import Encoder, EncoderSpec
 from mimic.errors import CheckpointError
@@ -200,10 +200,11 @@ def test_legacy_torch_format_with_reduce(tmp_path, marker):
     refused(path, marker, "refused", "system")
 
 
-def test_legacy_torch_format_benign_loads(tmp_path):
+def test_legacy_torch_format_is_refused_even_when_benign(tmp_path, marker):
+    """The pre-1.6 loader allocates every storage at its declared size: refused, with how to re-save."""
     path = tmp_path / "legacy.pt"
     torch.save({"w": torch.arange(3.0)}, path, _use_new_zipfile_serialization=False)
-    assert torch.equal(read_raw(path)["w"], torch.arange(3.0))
+    refused(path, marker, "refused", "legacy (pre-1.6, non-zip) format", "re-save")
 
 
 def test_legacy_tar_format(tmp_path, marker):
@@ -344,7 +345,8 @@ def test_missing_file(tmp_path, marker):
 def test_text_file_named_pt(tmp_path, marker):
     path = tmp_path / "teacher.pt"
     path.write_text("<html><body>404 Not Found</body></html>\n")
-    refused(path, marker, "a text file")
+    msg = refused(path, marker, "a text file")
+    assert "<html>" not in msg and "404" not in msg  # messages never quote a file's content
 
 
 def test_random_bytes(tmp_path, marker):
@@ -414,16 +416,17 @@ def test_oversized_file_is_refused_without_reading(tmp_path, marker):
     path = tmp_path / "teacher.pt"
     with open(path, "wb") as fh:  # sparse: 3 GiB apparent size, no disk used
         fh.truncate(3 << 30)
-    refused(path, marker, "refused", "larger than the")
+    refused(path, marker, "refused", "exceeds limit max_file_bytes=")
 
 
-def test_oversized_safetensors_header_is_refused(tmp_path, marker, monkeypatch):
-    from mimic import checkpoints
-
-    monkeypatch.setattr(checkpoints, "_MAX_ST_HEADER", 64)
+def test_oversized_safetensors_header_is_refused(tmp_path, marker):
     header, data = _valid_parts()
     header["__metadata__"] = {"pad": "x" * 100}
-    refused(_st_file(tmp_path / "big.safetensors", header, data), marker, "refused", "exceeds")
+    path = _st_file(tmp_path / "big.safetensors", header, data)
+    assert set(read_raw(path, limits=Limits(max_header_bytes=1000)).tensors) == {"a", "b"}
+    for loader in (read_raw, load_encoder, load_state):
+        with pytest.raises(CheckpointError, match="refused: safetensors header bytes .* exceeds limit max_header_bytes=64"):
+            loader(path, limits=Limits(max_header_bytes=64))
 
 
 # ---------------------------------------------------------------- well-formed files with wrong content
@@ -486,7 +489,7 @@ def test_non_finite_weights_through_cli(tmp_path, value, word):
     [
         (lambda t: t.to_sparse(), ("layout sparse_coo",)),
         (lambda t: torch.empty_like(t, device="meta"), ("meta tensor",)),
-        (lambda t: torch.quantize_per_tensor(t, 0.1, 0, torch.qint8), ("quantized",)),
+        (lambda t: torch.quantize_per_tensor(t, 0.1, 0, torch.qint8), ("refused", "quantized tensors")),
         (lambda t: t.to(torch.int64), ("dtype mismatch", "int64")),
         (lambda t: t > 0, ("dtype mismatch", "bool")),
         (lambda t: t.to(torch.complex64), ("dtype mismatch", "complex64")),
@@ -495,10 +498,13 @@ def test_non_finite_weights_through_cli(tmp_path, value, word):
 )
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_exotic_tensors_are_refused_not_converted(tmp_path, make, words):
-    """Tensors torch would silently convert or choke on (a traceback) are named and refused."""
+    """Tensors torch would silently convert or choke on (a traceback) are named and refused.
+    Quantized tensors are refused by the pickle scan, before torch's rebuild allocates their
+    declared shape, so that message names the kind rather than the key."""
     sd = _sd()
     sd["layer1.1.conv1.weight"] = make(sd["layer1.1.conv1.weight"])
-    cli_refused(_save(tmp_path / "odd.pt", sd), "layer1.1.conv1.weight", *words)
+    key = () if "quantized tensors" in words else ("layer1.1.conv1.weight",)
+    cli_refused(_save(tmp_path / "odd.pt", sd), *key, *words)
 
 
 def test_malicious_pickle_through_the_real_command(tmp_path, marker):
