@@ -19,6 +19,7 @@ from pathlib import Path
 from prefect import flow, task
 
 from flows.audit import audit_flow
+from mimic.config import config_from_dict
 from mimic.errors import CheckpointError, MimicError
 from mimic.inputs import admit_teacher
 from mimic.io import write_json
@@ -110,6 +111,7 @@ def watch_flow(
 ) -> dict:
     """One tick: audit every new teacher fingerprint under ``location``; returns what happened."""
     book = Ledger(ledger)
+    limits = config_from_dict(params).limits
     known = book.files()
     audited, skipped, refused, failed = [], [], [], []
     for cand in list_incoming(location, network_retries):
@@ -122,7 +124,7 @@ def watch_flow(
         else:
             try:
                 local = fetch_teacher(cand["uri"], str(Path(root) / "fetched"), network_retries)
-                fp = admit_teacher(local).fingerprint
+                fp = admit_teacher(local, limits).fingerprint
             except CheckpointError as exc:
                 log.warning("%s: refused: %s", cand["name"], exc)
                 book.remember(cand["uri"], cand["version"], {"refused": str(exc)})

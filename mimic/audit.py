@@ -79,7 +79,7 @@ class AuditInputs:
 
 def prepare(cfg: Config, req: AuditRequest, root: str | Path) -> AuditInputs:
     """Admit the teacher (refusing unsafe files), load the data, check sizes: every one-line refusal here."""
-    teacher = admit_teacher(req.teacher)
+    teacher = admit_teacher(req.teacher, cfg.limits)
     ds = load_data(cfg, req.data)
     clean = clean_subset(cfg, ds)
     require_clean_size(cfg, clean, req.data)

@@ -18,6 +18,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from mimic.checkpoints.limits import Limits
 from mimic.errors import ConfigError
 
 
@@ -179,6 +180,7 @@ class Config:
     teacher: TeacherConfig
     gate: GateConfig
     timeouts: TimeoutsConfig
+    limits: Limits
     profile: str | None = field(default=None)
 
     def __post_init__(self) -> None:
@@ -211,6 +213,7 @@ _SECTIONS = {
     "teacher": TeacherConfig,
     "gate": GateConfig,
     "timeouts": TimeoutsConfig,
+    "limits": Limits,
 }
 _TOP = ("seed", "device", "precision")
 

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mimic.checkpoints import LoadedEncoder, load_encoder
+from mimic.checkpoints import LoadedEncoder, Limits, load_encoder
 from mimic.config import Config
 from mimic.data import Dataset, ImageSet, content_hash, load_dataset, stratified_indices
-from mimic.errors import DataError
+from mimic.errors import CheckpointError, DataError
 from mimic.fingerprint import fingerprint_encoder
 from mimic.io import copy_file
 from mimic.triggers import Trigger
@@ -82,16 +82,24 @@ def _target_from(extras: dict) -> int | None:
     return int(t) if t is not None else None
 
 
-def admit_teacher(source: str | os.PathLike[str]) -> Teacher:
-    """Load a teacher file safely (refusing anything unsafe), once per process (keyed by its content hash)."""
+def admit_teacher(source: str | os.PathLike[str], limits: Limits | None = None) -> Teacher:
+    """Load a teacher file safely (refusing anything unsafe, within ``limits``), once per process
+    (keyed by its content hash)."""
     src = Path(source)
+    if not src.is_file():  # missing, a FIFO, a device, a directory: the loader refuses it without reading
+        load_encoder(src, limits=limits)
+        raise CheckpointError(f"{source}: not a regular file")
+    st = src.stat()
+    bound = (limits or Limits()).max_file_bytes
+    if st.st_size > bound:  # refuse before hashing a huge file
+        raise CheckpointError(f"{source}: {st.st_size} bytes exceeds limit max_file_bytes={bound}")
     sha = file_sha256(src)
 
     def make() -> Teacher:
-        loaded = load_encoder(src)
+        loaded = load_encoder(src, limits=limits)
         return Teacher(src, str(source), sha, loaded, fingerprint_encoder(loaded.encoder))
 
-    return _teachers.get_or(sha, make)
+    return _teachers.get_or((sha, limits), make)
 
 
 def keep_copy(teacher: Teacher, copy_dir: str | Path) -> Teacher:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import pickle
 import subprocess
 import sys
 from pathlib import Path

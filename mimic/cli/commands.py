@@ -119,7 +119,7 @@ def cmd_teacher(args: argparse.Namespace) -> dict:
     else:
         from mimic.store import fetch
 
-        t = admit_teacher(fetch(src, Path(args.cache) / "fetched"))
+        t = admit_teacher(fetch(src, Path(args.cache) / "fetched"), cfg.limits)
         extras = {k: v for k, v in t.loaded.extras.items() if k in ("trigger_patch", "trigger_mask", "target_class")}
         save_encoder(out, t.loaded.encoder, meta={"stage": "teacher", "source": src, "layout": t.loaded.layout},
                      extras=extras)
@@ -163,7 +163,7 @@ def _summary(run: Any) -> dict:
 def cmd_fingerprint(args: argparse.Namespace) -> dict:
     from mimic.inputs import admit_teacher
 
-    t = admit_teacher(args.path)
+    t = admit_teacher(args.path, config(args).limits)
     say(args, t.fingerprint)
     return {"path": args.path, "fingerprint": t.fingerprint, "sha256": t.sha256, "arch": t.loaded.spec.name,
             "layout": t.loaded.layout, "ignored": list(t.loaded.ignored)}
@@ -188,7 +188,7 @@ def cmd_mi(args: argparse.Namespace) -> dict:
     from mimic.stages.mi import plan_mi
 
     cfg = config(args)
-    t = admit_teacher(args.teacher)
+    t = admit_teacher(args.teacher, cfg.limits)
     clean, ver, data = _clean(args, cfg)
     run = plan_mi(cfg, t.loaded, t.fingerprint, clean, ver).run(cache_of(args))
     export(run, Path(args.out))
@@ -206,7 +206,7 @@ def cmd_distill(args: argparse.Namespace) -> dict:
     cfg = config(args)
     args.need_batch = True  # refuse a too-small clean set before the MI stage writes anything
     clean, ver, data = _clean(args, cfg)
-    t = admit_teacher(args.teacher)
+    t = admit_teacher(args.teacher, cfg.limits)
     cache = cache_of(args)
     if args.mi:
         try:
@@ -228,13 +228,13 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
     cfg = config(args)
     ds = load_data(cfg)
     trigger_file = args.trigger if args.trigger and args.trigger.endswith(".npz") else None
-    holder = admit_teacher(args.trigger).loaded if args.trigger and not trigger_file else None
+    holder = admit_teacher(args.trigger, cfg.limits).loaded if args.trigger and not trigger_file else None
     attack = resolve_attack(holder, trigger_file, args.target_class)
     cache, res = cache_of(args), {}
     for item in args.encoder:
         name, _, path = item.rpartition("=")
         name = name or Path(path).stem
-        enc = admit_teacher(path)
+        enc = admit_teacher(path, cfg.limits)
         run = plan_evaluate(cfg, name, enc.loaded, enc.fingerprint, ds, attack).run(cache)
         if args.out:
             export(run, Path(args.out) / name)
