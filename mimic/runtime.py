@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import platform
 from collections.abc import Iterator
 
 import torch
@@ -65,16 +64,3 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
         return
     with torch.autocast(device_type=device.type, dtype=dtype):
         yield
-
-
-def environment(device: torch.device) -> dict:
-    """Plain facts about where a run happened, recorded with its results."""
-    info = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info

@@ -60,7 +60,7 @@ sys.exit(rc)
 
 def distill_args(teacher: Path, out: Path, epochs: int = EPOCHS) -> list[str]:
     return ["distill", "--teacher", str(teacher), "--profile", "tiny", "--set", f"distill.epochs={epochs}",
-            "--device", "cpu", "--out", str(out), "--json", str(out / "result.json"), "--quiet"]
+            "--device", "cpu", "--out", str(out), "--cache", str(out / "cache"), "--json", str(out / "result.json"), "--quiet"]
 
 
 def run(args: list[str], prefix: list[str] = MIMIC) -> subprocess.CompletedProcess:
@@ -68,7 +68,8 @@ def run(args: list[str], prefix: list[str] = MIMIC) -> subprocess.CompletedProce
 
 
 def work_dir(out: Path) -> Path:
-    found = list((out / "work").glob("distill-*"))
+    """The checkpoint directory of the distillation's resume lineage in the run's stage cache."""
+    found = [p for p in (out / "cache" / "distill" / "runs").glob("*") if p.is_dir()]
     assert len(found) == 1, found
     return found[0]
 
@@ -126,7 +127,7 @@ def test_kill_9_mid_distillation_then_resume(tmp_path, teacher, baseline):
             while epoch < 2:
                 assert proc.poll() is None, f"finished before it could be killed: {(tmp_path / 'stderr.txt').read_text()}"
                 assert time.monotonic() < deadline, "no checkpoint of epoch 2 in time"
-                for last in (tmp_path / "work").glob("distill-*/last.pt"):
+                for last in (tmp_path / "cache" / "distill" / "runs").glob("*/last.pt"):
                     try:  # written atomically: never partial, but briefly absent while prev.pt rotates
                         epoch = load_state(last)["epoch"]
                     except CheckpointError as exc:
@@ -153,8 +154,11 @@ def test_kill_9_mid_distillation_then_resume(tmp_path, teacher, baseline):
 def _copy_run(baseline: dict, dst: Path) -> Path:
     """The baseline's output directory minus the final student: a run killed after its last epoch."""
     shutil.copytree(baseline["out"], dst)
-    for name in ("student.pt", "result.json", "losses.json", "losses.png"):
+    for name in ("student.pt", "result.json", "losses.json", "losses.png", "stage.json"):
         (dst / name).unlink()
+    for slot in (dst / "cache" / "distill").iterdir():  # the finished stage goes; its checkpoints stay
+        if slot.name != "runs" and slot.is_dir():
+            shutil.rmtree(slot)
     return work_dir(dst)
 
 

@@ -26,7 +26,7 @@ from mimic.checkpoints.archive import TorchZip
 from mimic.checkpoints.limits import DEFAULT_LIMITS, Limits
 from mimic.checkpoints.messages import code_refusal, fail, over_limit, printable
 from mimic.checkpoints.pickle_scan import PickleScan, refuse_code, scan_pickle
-from mimic.checkpoints.safetensors_header import SafetensorsContent, read_safetensors
+from mimic.checkpoints.safetensors_header import read_safetensors
 from mimic.checkpoints.walk import WalkError, walk
 from mimic.checkpoints.sniff import REWRITE_HINT, TORCH_LEGACY_MAGIC, refuse_npy, refuse_tar, refuse_unknown, sniff
 

@@ -157,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         result = COMMANDS[args.command](args)
         result.setdefault("seconds", round(time.perf_counter() - t0, 2))
+        if getattr(args, "config", None) is not None and "environment" not in result:
+            from mimic.results import environment
+
+            result["environment"] = environment(args.config.device, args.config.seed)
         emit(args, result)
         return exit_code(result)
     except ServiceUnavailable as exc:

@@ -18,7 +18,8 @@ def config(args: argparse.Namespace, default_profile: str | None = None):
     if getattr(args, "device", None):
         sets.append(f"device={args.device}")
     extra = {"data": {"source": args.data}} if getattr(args, "data", None) else None
-    return load_config(args.params, args.profile or default_profile, sets, extra)
+    args.config = load_config(args.params, args.profile or default_profile, sets, extra)  # main() stamps the environment
+    return args.config
 
 
 def check_source(src: str | None, what: str) -> None:
@@ -156,8 +157,9 @@ def cmd_attack(args: argparse.Namespace) -> dict:
 
 
 def _summary(run: Any) -> dict:
-    return {"stage": run.stage, "key": run.key, "cached": run.cached, "seconds": run.seconds,
-            **{k: run.manifest[k] for k in ("fingerprint", "history") if k in run.manifest}}
+    """What a stage command reports: the stage's manifest (minus file names), key, reuse and time."""
+    return {**{k: v for k, v in run.manifest.items() if k not in ("files", "seconds")}, "stage": run.stage,
+            "key": run.key, "cached": run.cached, "seconds": run.seconds}
 
 
 def cmd_fingerprint(args: argparse.Namespace) -> dict:
