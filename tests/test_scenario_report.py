@@ -1,4 +1,4 @@
-"""`scenarios/cifar10/report.py compare`: does a rerun reproduce the committed numbers?"""
+"""`scenarios/cifar10/report.py`: compare (through `dvc metrics diff`) and write (the template)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 REPORT = Path(__file__).resolve().parents[1] / "scenarios" / "cifar10" / "report.py"
+METRICS = ("teacher", "mimic")
 
 
 def metrics(name: str, ca: float, asr: float) -> str:
@@ -28,15 +29,17 @@ def git(root: Path, *args: str) -> None:
 
 @pytest.fixture
 def scenario(tmp_path) -> Path:
-    """A committed scenario folder: two encoders' metrics, one model record and one MI record."""
+    """A committed DVC scenario folder: two encoders' metrics (declared in dvc.yaml), one model record
+    and one MI record."""
     (tmp_path / "metrics").mkdir()
-    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "dvc.yaml").write_text("metrics:\n" + "".join(f"  - metrics/{n}.json\n" for n in METRICS))
     (tmp_path / "metrics" / "teacher.json").write_text(metrics("teacher", 46.0, 99.5))
     (tmp_path / "metrics" / "mimic.json").write_text(metrics("mimic", 45.64, 5.06))
     (tmp_path / "records").mkdir()
     (tmp_path / "records" / "mimic.json").write_text(record("aaaa"))
     (tmp_path / "records" / "mi-teacher.json").write_text(json.dumps({"fingerprint": "tttt", "seconds": 1.0}))
     git(tmp_path, "init", "-q")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True, capture_output=True)
     git(tmp_path, "add", ".")
     git(tmp_path, "commit", "-qm", "reference")
     return tmp_path
@@ -76,9 +79,44 @@ def test_a_missing_rerun_is_not_reproduced(scenario):
     (scenario / "metrics" / "mimic.json").unlink()
     (scenario / "records" / "mimic.json").unlink()
     rc, res, out = compare(scenario)
-    assert rc == 1 and res["missing"] == ["metrics/mimic.json not in the working tree"]
+    assert rc == 1 and res["missing"] == ["metrics/mimic.json not in the working tree"], out
     assert res["models"]["distill/mimic/student.pt"]["now"] is None and res["models_identical"] == 0
     assert "NOT reproduced" in out
+
+
+def test_seconds_and_environment_are_not_results(scenario):
+    """`dvc metrics diff` reports every numeric field; only CA/ASR count for a reproduction."""
+    m = json.loads(metrics("mimic", 45.64, 5.06))
+    (scenario / "metrics" / "mimic.json").write_text(json.dumps({**m, "seconds": 99.0, "environment": {"threads": 2}}))
+    rc, res, out = compare(scenario)
+    assert rc == 0 and res["reproduced"], out
+    assert {r["metric"] for r in res["rows"]} == {"ca", "asr"} and res["max_abs_delta"] == 0
+
+
+def test_write_renders_the_numbers_of_the_metrics_files(tmp_path):
+    """The page is the template filled with facts read from the scenario's files: change a metric,
+    and the page changes with it."""
+    import shutil
+
+    scen = tmp_path / "cifar10"
+    shutil.copytree(REPORT.parent, scen, ignore=shutil.ignore_patterns("models", "distill", "runs", "mi"))
+    out = tmp_path / "results.md"
+    (scen / "metrics" / "mimic.json").write_text(metrics("mimic", 41.23, 7.89))
+
+    def write() -> str:
+        r = subprocess.run([sys.executable, str(scen / "report.py"), "write", "--out", str(out), "--img",
+                            str(tmp_path / "img")], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return out.read_text()
+
+    page = write()
+    row = next(line for line in page.splitlines() if line.startswith("| **MIMIC**"))
+    assert "| 41.2 | 7.9 | 42.2 | 8.9 |" in row
+    assert "MIMIC student ASR <= max(5, clean ASR + 2)" in page and "{{" not in page and "{%" not in page
+    (scen / "metrics" / "mimic.json").unlink()
+    page = write()
+    assert "| **MIMIC** (MI on teacher, all terms, empty student) | not run |" in page
+    assert "The main result (clean, teacher, MIMIC) has not been evaluated yet." in page
 
 
 def test_unknown_revision_is_a_one_line_error(scenario):
