@@ -117,7 +117,8 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    probe: str
+    probe: str              # linear | mlp | both, on the raw L2-normalised features (the standard protocol)
+    zscore: bool            # also the same probes on z-scored features (an extra protocol; verdicts take the worst case)
     epochs: int
     batch_size: int
     lr: float

@@ -5,7 +5,17 @@
   probe assigns to the target class. (The authors' script counts target-class images too, which
   inflates ASR by up to 1/num_classes; we exclude them.)
 
-Every encoder compared gets the same recipe: same labelled data, same probe, same seed.
+Two probe protocols, each with a linear and an MLP probe:
+
+* ``raw`` (the standard, BadEncoder's protocol): the probe sees the L2-normalised features
+  themselves. They are multiplied by the constant sqrt(d) so that one learning rate suits every
+  feature width; a global constant changes nothing a probe can express.
+* ``zscore`` (an extra): each dimension standardised with the probe's training features. It
+  re-weights the dimensions, and a backdoor that lives in a few high-variance directions can look
+  weaker through it (an independent full-width BadEncoder teacher scored ASR 100 raw but 33-67
+  z-scored), so verdicts take the worst case over the protocols run (:mod:`mimic.results`).
+
+Every encoder compared gets the same recipe: same labelled data, same probes, same seed.
 """
 
 from __future__ import annotations
@@ -48,6 +58,25 @@ def make_probe(kind: str, dim: int, num_classes: int) -> nn.Module:
     raise ValueError(f"unknown probe {kind!r}")
 
 
+PROTOCOLS = ("raw", "zscore")
+
+
+def probe_name(kind: str, protocol: str) -> str:
+    """``linear``/``mlp`` for the standard protocol, ``linear_z``/``mlp_z`` for the z-scored one."""
+    return kind if protocol == "raw" else f"{kind}_z"
+
+
+class Scale(nn.Module):
+    """Multiply by a constant (sqrt(d) for unit-norm features: unit mean square per dimension)."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = float(factor)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.factor
+
+
 class Standardise(nn.Module):
     """Per-dimension z-scoring with statistics of the probe's training features.
 
@@ -65,11 +94,15 @@ class Standardise(nn.Module):
 
 
 def train_probe(
-    features: Tensor, labels: Tensor, num_classes: int, *, kind: str = "linear", epochs: int = 100, lr: float = 1e-2,
-    batch_size: int = 512, seed: int = 0,
+    features: Tensor, labels: Tensor, num_classes: int, *, kind: str = "linear", protocol: str = "raw", epochs: int = 100,
+    lr: float = 1e-2, batch_size: int = 512, seed: int = 0,
 ) -> nn.Module:
+    """A ``kind`` probe (linear | mlp) under ``protocol`` (raw | zscore), Adam with cosine decay."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown probe protocol {protocol!r}")
     seed_torch(seed, "probe-init", kind)
-    probe = nn.Sequential(Standardise(features), make_probe(kind, features.shape[1], num_classes))
+    pre = Scale(features.shape[1] ** 0.5) if protocol == "raw" else Standardise(features)
+    probe = nn.Sequential(pre, make_probe(kind, features.shape[1], num_classes))
     opt = torch.optim.Adam(probe.parameters(), lr=lr if kind == "linear" else lr / 10)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     probe.train()
@@ -103,12 +136,15 @@ def accuracy(pred: Tensor, labels: Tensor) -> float:
 
 @dataclass(frozen=True)
 class EvalResult:
-    probe: str
+    probe: str  # probe_name(kind, protocol)
     ca: float
     asr: float | None
+    kind: str = "linear"
+    protocol: str = "raw"
 
     def to_dict(self) -> dict:
-        return {"probe": self.probe, "ca": round(self.ca, 2), "asr": None if self.asr is None else round(self.asr, 2)}
+        return {"probe": self.probe, "kind": self.kind, "protocol": self.protocol, "ca": round(self.ca, 2),
+                "asr": None if self.asr is None else round(self.asr, 2)}
 
 
 def evaluate_encoder(
@@ -118,6 +154,7 @@ def evaluate_encoder(
     num_classes: int,
     *,
     probes: tuple[str, ...] = ("linear",),
+    protocols: tuple[str, ...] = ("raw",),
     trigger: Trigger | None = None,
     target: int | None = None,
     epochs: int = 100,
@@ -126,7 +163,7 @@ def evaluate_encoder(
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> list[EvalResult]:
-    """CA (and ASR when a trigger and target are given) of ``encoder`` for each probe kind."""
+    """CA (and ASR when a trigger and target are given) of ``encoder`` for each probe kind and protocol."""
     if train.y is None or test.y is None:
         raise DataError("evaluation needs labelled train and test images")
     if len(train) < num_classes or len(test) == 0:
@@ -139,11 +176,13 @@ def evaluate_encoder(
         keep = test.y != target
         f_trig = extract_features(encoder, test.x[keep], trigger=trigger, device=device)
     results = []
-    for kind in probes:
-        probe = train_probe(f_train, train.y, num_classes, kind=kind, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
-        ca = accuracy(predict(probe, f_test), test.y)
-        asr = None
-        if f_trig is not None and keep is not None and target is not None:
-            asr = attack_success_rate(predict(probe, f_trig), test.y[keep], target)
-        results.append(EvalResult(kind, ca, asr))
+    for protocol in protocols:
+        for kind in probes:
+            probe = train_probe(f_train, train.y, num_classes, kind=kind, protocol=protocol, epochs=epochs, lr=lr,
+                                batch_size=batch_size, seed=seed)
+            ca = accuracy(predict(probe, f_test), test.y)
+            asr = None
+            if f_trig is not None and keep is not None and target is not None:
+                asr = attack_success_rate(predict(probe, f_trig), test.y[keep], target)
+            results.append(EvalResult(probe_name(kind, protocol), ca, asr, kind, protocol))
     return results

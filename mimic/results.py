@@ -1,8 +1,10 @@
 """The one results schema: what ``mimic demo``, ``mimic audit``, the Prefect flow and ``dvc repro`` write.
 
 ``results.json`` is versioned (``schema``) and described by ``docs/results.schema.json``. Accuracies
-are percentages; the ``teacher_*``/``student_*`` shortcuts are the primary probe's numbers, every
-probe's are under ``probes``. The environment is stamped here, once, for every command.
+are percentages; the ``teacher_*``/``student_*`` shortcuts are the primary probe's numbers (the
+standard protocol: raw L2-normalised features), every probe's are under ``probes`` (kind x protocol,
+see :mod:`mimic.evaluate`), and ``worst_case`` holds the highest student ASR and the largest CA drop
+over all of them: the numbers the gate judges. The environment is stamped here, once, for every command.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-SCHEMA = "mimic.results/1"
+SCHEMA = "mimic.results/2"
 
 
 def git_revision() -> str | None:
@@ -56,6 +58,26 @@ def _pick(evaluation: Mapping | None, probe: str, what: str) -> float | None:
     return evaluation.get("probes", {}).get(probe, {}).get(what)
 
 
+def worst_case(evaluations: Mapping[str, Mapping]) -> dict[str, Any]:
+    """Over every probe run on both teacher and student: the highest student ASR and the largest CA
+    drop (teacher CA - student CA), each with the probe that gave it. A backdoor that one protocol
+    misses is still judged by the protocol that sees it."""
+    t, s = evaluations.get("teacher"), evaluations.get("student")
+    if not (t and s):
+        return {}
+    names = [n for n in s["probes"] if n in t["probes"]]
+    out: dict[str, Any] = {}
+    asr = [(s["probes"][n]["asr"], n) for n in names if s["probes"][n].get("asr") is not None]
+    if asr:
+        out["student_asr"], out["asr_probe"] = max(asr, key=lambda v: v[0])
+    drops = [(t["probes"][n]["ca"] - s["probes"][n]["ca"], n) for n in names]
+    if drops:
+        drop, n = max(drops, key=lambda v: v[0])
+        out.update({"ca_drop": round(drop, 2), "ca_probe": n, "teacher_ca": t["probes"][n]["ca"],
+                    "student_ca": s["probes"][n]["ca"]})
+    return out
+
+
 def stage_record(run: Any) -> dict[str, Any]:
     """``{"key", "cached", "seconds"}`` of a :class:`mimic.stages.StageRun`."""
     return {"key": run.key, "cached": bool(run.cached), "seconds": round(run.seconds, 2)}
@@ -86,6 +108,7 @@ def build_results(
     res.update({
         "probe": probe,
         "probes": {who: dict(e["probes"]) for who, e in evaluations.items()},
+        "worst_case": worst_case(evaluations),
         "target_class": attack.target if attack.known else None,
         "trigger": {"source": attack.source if attack.known else None, "id": attack.trigger_id},
         "mi": dict(mi["mi"]),
@@ -103,5 +126,7 @@ def build_results(
     })
     if out is not None:
         res["out"] = out
-    res["verdict"] = judge(res["teacher_ca"], res["student_ca"], res["student_asr"], cfg.gate).to_dict()
+    w = res["worst_case"]
+    res["verdict"] = judge(w.get("teacher_ca"), w.get("student_ca"), w.get("student_asr"), cfg.gate,
+                           asr_probe=w.get("asr_probe"), ca_probe=w.get("ca_probe")).to_dict()
     return res

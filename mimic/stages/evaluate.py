@@ -17,6 +17,10 @@ def probes_of(cfg: Config) -> tuple[str, ...]:
     return ("linear", "mlp") if cfg.evaluate.probe == "both" else (cfg.evaluate.probe,)
 
 
+def protocols_of(cfg: Config) -> tuple[str, ...]:
+    return ("raw", "zscore") if cfg.evaluate.zscore else ("raw",)
+
+
 def check_labelled(ds: Dataset, attack: Attack) -> None:
     if ds.test is None or ds.test.y is None or ds.train.y is None:
         raise DataError(f"{ds.name}: evaluation needs a labelled train and test split")
@@ -26,7 +30,8 @@ def check_labelled(ds: Dataset, attack: Attack) -> None:
 
 def plan_evaluate(cfg: Config, name: str, encoder: LoadedEncoder, fingerprint: str, ds: Dataset,
                  attack: Attack) -> StagePlan:
-    """``metrics.json``: ``{"probes": {probe: {"ca", "asr"}}, "target_class", "trigger"}`` for ``encoder``."""
+    """``metrics.json``: ``{"probes": {name: {"probe", "kind", "protocol", "ca", "asr"}}, "target_class", "trigger"}``
+    for ``encoder``; one entry per probe kind and protocol (``linear``, ``mlp``, ``linear_z``, ``mlp_z``)."""
     check_labelled(ds, attack)
     inputs = {"encoder": fingerprint, "data": ds.version, **attack.identity()}
 
@@ -35,6 +40,7 @@ def plan_evaluate(cfg: Config, name: str, encoder: LoadedEncoder, fingerprint: s
         try:
             res = evaluate_encoder(
                 encoder.encoder, labelled_train(cfg, ds), ds.test, ds.num_classes, probes=probes_of(cfg),  # type: ignore[arg-type]
+                protocols=protocols_of(cfg),
                 trigger=attack.trigger if attack.known else None, target=attack.target if attack.known else None,
                 epochs=cfg.evaluate.epochs, lr=cfg.evaluate.lr, batch_size=cfg.evaluate.batch_size, seed=cfg.seed,
                 device=rt.device)
