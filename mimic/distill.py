@@ -24,7 +24,7 @@ from mimic.config import DistillConfig
 from mimic.data import ImageSet, batches, require_size, to_float
 from mimic.encoders import Encoder, ProjectionHead, StageTaps, freeze, make_student
 from mimic.losses import clone_loss, nt_xent, weighted_attention
-from mimic.runtime import autocast, seed_torch
+from mimic.runtime import autocast, seed_torch, use_channels_last
 from mimic.training import LoopResult, MeanMeter, check_finite, run_epochs
 
 
@@ -65,7 +65,8 @@ def distill(
     student = make_student(teacher, cfg.student_init, seed).to(device)
     seed_torch(seed, "student-head")
     head = ProjectionHead(student.feature_dim).to(device)
-    if device.type == "cuda":
+    channels_last = use_channels_last(cfg.memory_format, device, amp_dtype, student)
+    if channels_last:
         teacher.to(memory_format=torch.channels_last)
         student.to(memory_format=torch.channels_last)
     params = list(student.parameters()) + (list(head.parameters()) if cfg.contrastive else [])
@@ -84,7 +85,7 @@ def distill(
                 continue
             x = to_float(clean.x[idx], device)
             x1, x2 = simclr_augment(x, g, cfg.crop_min_scale), simclr_augment(x, g, cfg.crop_min_scale)
-            if device.type == "cuda":
+            if channels_last:
                 x1 = x1.contiguous(memory_format=torch.channels_last)
                 x2 = x2.contiguous(memory_format=torch.channels_last)
             with autocast(device, amp_dtype):
