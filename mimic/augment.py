@@ -5,11 +5,17 @@ RandomHorizontalFlip(0.5), ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8 (the four 
 random order), RandomGrayscale(0.2). Input and output are float images in [0, 1]; the encoder
 applies the dataset normalisation itself. All random draws come from a CPU ``torch.Generator`` so
 results do not depend on the device and a resumed run draws the same numbers.
+
+A view is drawn (:func:`draw_view`: every random number of the batch, nothing else) and then applied
+(:func:`apply_view`); each image's result depends only on its own row of the draw, so a DDP rank
+that applies ``draw.rows(lo, hi)`` to its slice of the global batch gets exactly those rows of the
+single-process views.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -64,11 +70,23 @@ def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
     return _hsv_to_rgb(h, s, v)
 
 
-def random_resized_crop(
-    x: Tensor, g: torch.Generator, size: int, scale: tuple[float, float] = (0.08, 1.0), flip_p: float = 0.5
-) -> Tensor:
-    """Per-image random resized crop (+ horizontal flip), one ``grid_sample`` for the batch."""
-    n = x.shape[0]
+@dataclass(frozen=True)
+class ViewDraw:
+    """The random numbers of one SimCLR view of a batch (CPU tensors, one row per image)."""
+
+    theta: Tensor  # (n, 2, 3) affine crop (+ flip) of each image, in grid coordinates
+    jitter: Tensor  # (n,) bool: colour jitter applied
+    factors: dict[str, Tensor]  # brightness "b", contrast "c", saturation "s", hue "h": (n,) each
+    order: tuple[int, ...]  # the order of the four jitter adjustments (one per batch)
+    gray: Tensor  # (n,) bool: converted to grayscale
+
+    def rows(self, lo: int, hi: int) -> "ViewDraw":
+        """The draw of images ``lo:hi`` (a DDP rank's slice of the global batch)."""
+        return ViewDraw(self.theta[lo:hi], self.jitter[lo:hi], {k: v[lo:hi] for k, v in self.factors.items()},
+                        self.order, self.gray[lo:hi])
+
+
+def _draw_crop(n: int, g: torch.Generator, scale: tuple[float, float], flip_p: float) -> Tensor:
     area = _uniform(n, scale[0], scale[1], g)
     log_ratio = _uniform(n, math.log(3 / 4), math.log(4 / 3), g)
     ratio = torch.exp(log_ratio)
@@ -82,29 +100,29 @@ def random_resized_crop(
     theta[:, 0, 2] = cx
     theta[:, 1, 1] = h
     theta[:, 1, 2] = cy
-    theta = theta.to(device=x.device, dtype=x.dtype)
-    grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return theta
 
 
-def color_jitter(
-    x: Tensor,
-    g: torch.Generator,
-    brightness: float = 0.4,
-    contrast: float = 0.4,
-    saturation: float = 0.4,
-    hue: float = 0.1,
-    p: float = 0.8,
-) -> Tensor:
-    n = x.shape[0]
-    apply = (torch.rand(n, generator=g) < p).to(x.device).view(-1, 1, 1, 1)
+def _draw_jitter(n: int, g: torch.Generator, brightness: float, contrast: float, saturation: float, hue: float,
+                 p: float) -> tuple[Tensor, dict[str, Tensor], tuple[int, ...]]:
+    apply = torch.rand(n, generator=g) < p
     factors = {
         "b": _uniform(n, 1 - brightness, 1 + brightness, g),
         "c": _uniform(n, 1 - contrast, 1 + contrast, g),
         "s": _uniform(n, 1 - saturation, 1 + saturation, g),
         "h": _uniform(n, -hue, hue, g),
     }
-    order = torch.randperm(4, generator=g).tolist()
+    return apply, factors, tuple(torch.randperm(4, generator=g).tolist())
+
+
+def _crop(x: Tensor, theta: Tensor, size: int) -> Tensor:
+    theta = theta.to(device=x.device, dtype=x.dtype)
+    grid = F.affine_grid(theta, [x.shape[0], x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def _jitter(x: Tensor, apply: Tensor, factors: dict[str, Tensor], order: tuple[int, ...]) -> Tensor:
+    apply = apply.to(x.device).view(-1, 1, 1, 1)
     out = x
     for k in order:
         name = "bcsh"[k]
@@ -122,13 +140,47 @@ def color_jitter(
     return torch.where(apply, out, x)
 
 
-def random_grayscale(x: Tensor, g: torch.Generator, p: float = 0.2) -> Tensor:
-    apply = (torch.rand(x.shape[0], generator=g) < p).to(x.device).view(-1, 1, 1, 1)
+def _grayscale(x: Tensor, apply: Tensor) -> Tensor:
+    apply = apply.to(x.device).view(-1, 1, 1, 1)
     return torch.where(apply, _gray(x).expand_as(x), x)
+
+
+def random_resized_crop(
+    x: Tensor, g: torch.Generator, size: int, scale: tuple[float, float] = (0.08, 1.0), flip_p: float = 0.5
+) -> Tensor:
+    """Per-image random resized crop (+ horizontal flip), one ``grid_sample`` for the batch."""
+    return _crop(x, _draw_crop(x.shape[0], g, scale, flip_p), size)
+
+
+def color_jitter(
+    x: Tensor,
+    g: torch.Generator,
+    brightness: float = 0.4,
+    contrast: float = 0.4,
+    saturation: float = 0.4,
+    hue: float = 0.1,
+    p: float = 0.8,
+) -> Tensor:
+    return _jitter(x, *_draw_jitter(x.shape[0], g, brightness, contrast, saturation, hue, p))
+
+
+def random_grayscale(x: Tensor, g: torch.Generator, p: float = 0.2) -> Tensor:
+    return _grayscale(x, torch.rand(x.shape[0], generator=g) < p)
+
+
+def draw_view(n: int, g: torch.Generator, crop_min_scale: float = 0.08) -> ViewDraw:
+    """The random numbers of one SimCLR view of ``n`` images, drawn in :func:`simclr_augment`'s order."""
+    theta = _draw_crop(n, g, (crop_min_scale, 1.0), 0.5)
+    jitter, factors, order = _draw_jitter(n, g, 0.4, 0.4, 0.4, 0.1, 0.8)
+    return ViewDraw(theta, jitter, factors, order, torch.rand(n, generator=g) < 0.2)
+
+
+def apply_view(x: Tensor, draw: ViewDraw) -> Tensor:
+    """Apply a drawn view to a batch of [0, 1] images (N, 3, H, W), N = the draw's rows."""
+    x = _crop(x, draw.theta, x.shape[-1])
+    return _grayscale(_jitter(x, draw.jitter, draw.factors, draw.order), draw.gray)
 
 
 def simclr_augment(x: Tensor, g: torch.Generator, crop_min_scale: float = 0.08) -> Tensor:
     """One SimCLR view of a batch of [0, 1] images (N, 3, H, W)."""
-    x = random_resized_crop(x, g, size=x.shape[-1], scale=(crop_min_scale, 1.0))
-    x = color_jitter(x, g)
-    return random_grayscale(x, g)
+    return apply_view(x, draw_view(x.shape[0], g, crop_min_scale))

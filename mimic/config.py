@@ -107,8 +107,14 @@ class DistillConfig:
     clone: bool
     weights: str
     student_init: str
+    memory_format: str  # auto | channels_last | contiguous (mimic.runtime.use_channels_last)
+    compile: bool  # torch.compile the student and teacher (docs/performance.md: when it pays)
+    nproc: int  # DDP ranks (mimic.distributed); 1 = this process
 
     def __post_init__(self) -> None:
+        _check(self.memory_format in ("auto", "channels_last", "contiguous"),
+               f"distill.memory_format must be auto, channels_last or contiguous, got {self.memory_format!r}")
+        _check(self.nproc >= 1, f"distill.nproc must be >= 1, got {self.nproc}")
         _check(self.weights in ("mi", "uniform"), f"distill.weights must be mi or uniform, got {self.weights!r}")
         _check(self.student_init in ("empty", "teacher"), "distill.student_init must be empty or teacher")
         _check(self.contrastive or self.attention or self.clone, "distill: at least one loss term must be on")

@@ -45,6 +45,53 @@ def check_finite(loss: Tensor, what: str, epoch: int, step: int) -> None:
         )
 
 
+def _diverged(what: str, value: float, epoch: int, step: int) -> TrainingDiverged:
+    return TrainingDiverged(
+        f"{what}: loss became {value:.4g} at epoch {epoch + 1}, step {step + 1}; "
+        "stopped, the last good checkpoint is kept (lower the learning rate or check the data)"
+    )
+
+
+class LossLog:
+    """Per-epoch loss means accumulated on the device: no host sync per step.
+
+    ``add(values, n)`` takes a 1-d tensor (the total loss first, then its parts) weighted by the
+    batch size; the sums are float64 and added in step order, so the means equal :class:`MeanMeter`'s
+    bit for bit. ``immediate=True`` checks every step's loss at once (free on a CPU, where reading a
+    value waits for nothing); otherwise the first non-finite step is found at :meth:`check`, once
+    per epoch (an accelerator's queue is drained once, and every DDP rank raises together).
+    """
+
+    def __init__(self, names: list[str], what: str, epoch: int, *, immediate: bool) -> None:
+        self.names, self.what, self.epoch, self.immediate = names, what, epoch, immediate
+        self.sums: Tensor | None = None
+        self.totals: list[Tensor] = []
+        self.count = 0
+
+    def add(self, values: Tensor, n: int) -> None:
+        values = values.detach()
+        if self.immediate and not bool(torch.isfinite(values[0])):
+            raise _diverged(self.what, float(values[0]), self.epoch, len(self.totals))
+        contrib = values.double() * n
+        self.sums = contrib if self.sums is None else self.sums + contrib
+        self.totals.append(values[0])
+        self.count += n
+
+    def means(self, world=None) -> dict[str, float]:
+        """The epoch's means (summed over the ranks of ``world`` first); raises on a non-finite step."""
+        if self.sums is None:
+            return {}
+        sums, totals = self.sums, torch.stack(self.totals).double()
+        if world is not None and world.size > 1:
+            both = world.sum_(torch.cat([sums, totals]))
+            sums, totals = both[: len(sums)], both[len(sums):]
+        bad = (~torch.isfinite(totals)).nonzero()
+        if len(bad):
+            step = int(bad[0, 0])
+            raise _diverged(self.what, float(totals[step]), self.epoch, step)
+        return {k: v / max(self.count, 1) for k, v in zip(self.names, sums.tolist())}
+
+
 class MeanMeter:
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
@@ -98,11 +145,16 @@ def run_epochs(
     epoch_fn: EpochFn,
     progress: bool = True,
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+    writer: bool = True,
 ) -> LoopResult:
-    """Run ``epoch_fn`` for epochs ``[start, epochs)`` with checkpoint + resume in ``work_dir``."""
+    """Run ``epoch_fn`` for epochs ``[start, epochs)`` with checkpoint + resume in ``work_dir``.
+
+    ``writer=False`` (DDP ranks other than 0): resume from the checkpoint, write nothing.
+    """
     import time
 
-    work_dir.mkdir(parents=True, exist_ok=True)
+    if writer:
+        work_dir.mkdir(parents=True, exist_ok=True)
     last = work_dir / "last.pt"
     result = LoopResult()
     start = 0
@@ -118,7 +170,7 @@ def run_epochs(
         result.resumed_from = start
         log.info("%s: resuming from epoch %d of %d (%s)", name, start, epochs, work_dir)
     t0 = time.perf_counter()
-    bar = tqdm(range(start, epochs), desc=name, unit="epoch", disable=not progress, initial=start, total=epochs, leave=False)
+    bar = tqdm(range(start, epochs), desc=name, unit="epoch", disable=not (progress and writer), initial=start, total=epochs, leave=False)
     for epoch in bar:
         for m in modules.values():
             m.train()
@@ -127,6 +179,8 @@ def run_epochs(
             if not math.isfinite(v):
                 raise TrainingDiverged(f"{name}: {k} became {v} in epoch {epoch + 1}; stopped, the last good checkpoint is kept")
         result.history.append({"epoch": epoch + 1, **metrics})
+        if not writer:
+            continue
         state = {
             "key": key,
             "epoch": epoch + 1,
@@ -142,5 +196,6 @@ def run_epochs(
             on_epoch_end(epoch + 1, metrics)
     bar.close()
     result.seconds = time.perf_counter() - t0
-    write_json(work_dir / "history.json", result.history)
+    if writer:
+        write_json(work_dir / "history.json", result.history)
     return result

@@ -96,3 +96,18 @@ def test_ablations_run_without_each_term(tiny_encoder, tiny_images, tiny_config,
     for i, off in enumerate(("contrastive", "attention", "clone")):
         res = _run(tiny_encoder, tiny_images, _cfg(tiny_config, epochs=1, **{off: False}), tmp_path / str(i))
         assert off not in res.history[0] and "loss" in res.history[0]
+
+
+def test_deferred_loss_check_names_the_first_bad_step():
+    """On accelerators and DDP ranks the losses are checked once per epoch, not per step."""
+    from mimic.training import LossLog, MeanMeter
+
+    log, meter = LossLog(["loss", "a"], "distill", 4, immediate=False), MeanMeter()
+    for v, n in ((1.5, 32), (0.25, 32), (3.0, 7)):
+        log.add(torch.tensor([v, v / 2]), n)
+        meter.add({"loss": v, "a": v / 2}, n)
+    assert log.means() == meter.means()  # the same float64 sums, in the same order
+    log.add(torch.tensor([float("inf"), 0.0]), 32)
+    log.add(torch.tensor([float("nan"), 0.0]), 32)
+    with pytest.raises(TrainingDiverged, match="inf at epoch 5, step 4"):
+        log.means()

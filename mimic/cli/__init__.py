@@ -149,12 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args)
     t0 = time.perf_counter()
     try:
-        if getattr(args, "threads", None) is not None:
-            if args.threads < 1:
-                raise ConfigError(f"--threads must be at least 1, got {args.threads}")
-            import torch
+        if getattr(args, "threads", None) is not None and args.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+        if hasattr(args, "threads"):
+            from mimic.runtime import set_threads
 
-            torch.set_num_threads(args.threads)
+            set_threads(args.threads)  # default: the physical cores this process may use
         result = COMMANDS[args.command](args)
         result.setdefault("seconds", round(time.perf_counter() - t0, 2))
         if getattr(args, "config", None) is not None and "environment" not in result:

@@ -205,6 +205,10 @@ def cmd_distill(args: argparse.Namespace) -> dict:
     from mimic.stages.distill import plan_distill
     from mimic.stages.mi import plan_mi, weights_of
 
+    if args.nproc is not None:
+        if args.nproc < 1:
+            raise ConfigError(f"--nproc must be at least 1, got {args.nproc}")
+        args.sets = [*args.sets, f"distill.nproc={args.nproc}"]
     cfg = config(args)
     args.need_batch = True  # refuse a too-small clean set before the MI stage writes anything
     clean, ver, data = _clean(args, cfg)
@@ -325,6 +329,8 @@ def register(sub: Any) -> None:
     p.add_argument("--data", metavar="SRC", help=data_help)
     p.add_argument("--mi", metavar="JSON", help="mi.json from `mimic mi` (default: run the MI stage first)")
     p.add_argument("--out", required=True, metavar="DIR", help="writes student.pt, losses.json, losses.png, stage.json")
+    p.add_argument("--nproc", type=int, metavar="N", help="distil on N data-parallel processes (DDP: gloo on CPU, "
+                   "NCCL on CUDA, one GPU each; sets distill.nproc)")
     cache_arg(p)
     common(p)
 
