@@ -2,13 +2,16 @@
 
     .venv/bin/python benchmarks/bench_demo.py [--seeds 0 1 2 3 4] [--threads 1 2] [--data synthetic]
         [--set KEY=VALUE ...] [--out bench-results/demo] [--json bench-results/demo.json] [--markdown FILE]
+        [--readme README.md]
 
 Each cell is one `mimic demo --set seed=S --threads T` in its own process and output directory
 (the stage cache is per directory, so no cell reuses another's models; a rerun of the same cell
 reuses its own cache and finishes in seconds). Prints CA/ASR of the clean encoder, the BadEncoder
 teacher and the MIMIC student per cell, then mean / min / max per column and whether every cell
-meets the demo's bounds (student ASR <= 10, student CA within 5 points of the teacher). ``--markdown``
-writes the same table for the README (regenerated, never typed).
+meets the demo's bounds (student ASR <= 10, student CA within 5 points of the teacher). The numbers
+are the gate's: the worst case over every probe the demo runs (``results.worst_case``). ``--markdown``
+writes the table to a file; ``--readme`` replaces the block between ``<!-- demo-grid:begin -->`` and
+``<!-- demo-grid:end -->`` in that file with it (the README's numbers are regenerated, never typed).
 """
 
 from __future__ import annotations
@@ -21,8 +24,11 @@ import sys
 import time
 from pathlib import Path
 
+BEGIN, END = "<!-- demo-grid:begin -->", "<!-- demo-grid:end -->"
+
 MAX_ASR, MAX_CA_DROP = 10.0, 5.0
 COLUMNS = ("clean_ca", "clean_asr", "teacher_ca", "teacher_asr", "student_ca", "student_asr")
+WORST = ("worst_student_asr", "worst_ca_drop")
 
 
 def run_cell(seed: int, threads: int, data: str, sets: list[str], out: Path) -> dict:
@@ -40,17 +46,21 @@ def run_cell(seed: int, threads: int, data: str, sets: list[str], out: Path) -> 
         tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or [f"exit {r.returncode}"]
         return {"seed": seed, "threads": threads, "error": tail[0], "wall_s": round(wall, 1)}
     res = json.loads(res_file.read_text())
+    w = res.get("worst_case") or {}
     cell = {"seed": seed, "threads": threads, "wall_s": round(wall, 1), "verdict": res["verdict"]["verdict"],
-            "probe": res.get("probe"), **{k: res.get(k) for k in COLUMNS}}
-    cell["ok"] = (cell["student_asr"] is not None and cell["student_asr"] <= MAX_ASR
-                  and cell["teacher_ca"] - cell["student_ca"] <= MAX_CA_DROP)
+            "probe": res.get("probe"), **{k: res.get(k) for k in COLUMNS},
+            "worst_student_asr": w.get("student_asr"), "worst_asr_probe": w.get("asr_probe"),
+            "worst_ca_drop": w.get("ca_drop"), "worst_ca_probe": w.get("ca_probe")}
+    asr = cell["worst_student_asr"] if cell["worst_student_asr"] is not None else cell["student_asr"]
+    drop = cell["worst_ca_drop"] if cell["worst_ca_drop"] is not None else cell["teacher_ca"] - cell["student_ca"]
+    cell["ok"] = asr is not None and asr <= MAX_ASR and drop <= MAX_CA_DROP
     return cell
 
 
 def summary(cells: list[dict]) -> dict:
     good = [c for c in cells if "error" not in c]
     out = {}
-    for k in (*COLUMNS, "wall_s"):
+    for k in (*COLUMNS, *WORST, "wall_s"):
         vals = [c[k] for c in good if c.get(k) is not None]
         if vals:
             out[k] = {"mean": statistics.fmean(vals), "min": min(vals), "max": max(vals),
@@ -61,22 +71,38 @@ def summary(cells: list[dict]) -> dict:
 
 
 def table(cells: list[dict], summ: dict) -> str:
-    head = "| seed | threads | clean CA | clean ASR | teacher CA | teacher ASR | student CA | student ASR | within bounds | wall |"
-    lines = [head, "|" + "---:|" * 9 + "---:|"]
+    head = ("| seed | threads | clean CA | clean ASR | teacher CA | teacher ASR | student CA | student ASR "
+            "| student ASR, worst probe | CA drop, worst probe | within bounds | wall |")
+    lines = [head, "|" + "---:|" * 11 + "---:|"]
+
+    def f(v: float | None) -> str:
+        return "–" if v is None else f"{v:.1f}"
+
     for c in cells:
         if "error" in c:
-            lines.append(f"| {c['seed']} | {c['threads']} | error: {c['error']} | | | | | | no | {c['wall_s']:.0f} s |")
+            lines.append(f"| {c['seed']} | {c['threads']} | error: {c['error']} | | | | | | | | no | {c['wall_s']:.0f} s |")
             continue
-        vals = " | ".join(f"{c[k]:.1f}" for k in COLUMNS)
-        lines.append(f"| {c['seed']} | {c['threads']} | {vals} | {'yes' if c['ok'] else '**no**'} | {c['wall_s']:.0f} s |")
+        vals = " | ".join(f(c[k]) for k in COLUMNS)
+        worst = (f"{f(c['worst_student_asr'])} ({c['worst_asr_probe']}) | {f(c['worst_ca_drop'])} ({c['worst_ca_probe']})"
+                 if c.get("worst_asr_probe") else "– | –")
+        lines.append(f"| {c['seed']} | {c['threads']} | {vals} | {worst} | {'yes' if c['ok'] else '**no**'} | {c['wall_s']:.0f} s |")
     for stat in ("mean", "min", "max"):
-        vals = " | ".join(f"{summ[k][stat]:.1f}" if k in summ else "–" for k in COLUMNS)
+        vals = " | ".join(f"{summ[k][stat]:.1f}" if k in summ else "–" for k in (*COLUMNS, *WORST))
         wall = f"{summ['wall_s'][stat]:.0f} s" if "wall_s" in summ else "–"
         lines.append(f"| **{stat}** | | {vals} | | {wall} |")
     lines.append("")
-    lines.append(f"{summ['ok']} of {summ['cells']} runs within bounds (student ASR <= {MAX_ASR:g}, "
-                 f"student CA within {MAX_CA_DROP:g} points of the teacher).")
+    lines.append(f"{summ['ok']} of {summ['cells']} runs within bounds (student ASR <= {MAX_ASR:g} and CA drop <= "
+                 f"{MAX_CA_DROP:g} points, both on the worst probe: linear and MLP, raw and z-scored features).")
     return "\n".join(lines)
+
+
+def replace_block(path: Path, text: str) -> None:
+    """Put ``text`` between the BEGIN/END markers of ``path`` (which must hold both)."""
+    doc = path.read_text()
+    if BEGIN not in doc or END not in doc:
+        raise SystemExit(f"{path}: no {BEGIN} ... {END} block to replace")
+    head, rest = doc.split(BEGIN, 1)
+    path.write_text(head + BEGIN + "\n" + text + "\n" + END + rest.split(END, 1)[1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench-results/demo", help="one output directory per cell below this")
     ap.add_argument("--json", default="bench-results/demo.json")
     ap.add_argument("--markdown", help="also write the table here")
+    ap.add_argument("--readme", type=Path, help="replace the demo-grid block of this file with the table")
     args = ap.parse_args(argv)
     cells = []
     for seed in args.seeds:
@@ -102,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.json).write_text(json.dumps({"data": args.data, "sets": args.sets, "cells": cells, "summary": summ}, indent=2) + "\n")
     if args.markdown:
         Path(args.markdown).write_text(text + "\n")
+    if args.readme:
+        cmd = " ".join(["benchmarks/bench_demo.py", "--seeds", *map(str, args.seeds), "--threads", *map(str, args.threads),
+                        *(["--data", args.data] if args.data != "synthetic" else []), *[f"--set {s}" for s in args.sets]])
+        replace_block(args.readme, f"{text}\n\nRegenerated by `{cmd} --readme {args.readme}`.")
     return 0 if summ["all_ok"] else 1
 
 
