@@ -17,9 +17,12 @@ is the content hash of the loaded images, and nothing is added. Retries of the p
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from prefect import task
@@ -46,6 +49,18 @@ def local_source(source: str | None) -> Path | None:
         return None
     p = Path(source)
     return p if p.exists() else None
+
+
+@contextlib.contextmanager
+def _quiet_dvc() -> Iterator[None]:
+    """DVC logs progress at INFO ("Initialized DVC repository", transfer counts): keep it to warnings."""
+    lg = logging.getLogger("dvc")
+    before = lg.level
+    lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        lg.setLevel(before)
 
 
 def open_registry(root: str | Path, remote_url: str | None = None):
@@ -100,6 +115,15 @@ def version_inputs(sources: dict[str, str | None], versions: dict[str, str], reg
     or ``<kind>:<content hash>``."""
     local = {k: local_source(s) for k, s in sources.items()}
     out: dict = {k: None for k in sources}
+    with _quiet_dvc():
+        _version(local, out, registry, remote_url)
+    clean = out.get("data")
+    src = sources.get("data") or ""
+    out["data_version"] = f"md5:{clean['md5']}" if clean else f"{src.split(':')[0]}:{versions.get('data', '')}"
+    return out
+
+
+def _version(local: dict[str, Path | None], out: dict, registry: str, remote_url: str | None) -> None:
     if any(local.values()):
         repo = open_registry(registry, remote_url)
         try:
@@ -117,7 +141,3 @@ def version_inputs(sources: dict[str, str | None], versions: dict[str, str], reg
                         v["pushed"] = True
         finally:
             repo.close()
-    clean = out.get("data")
-    src = sources.get("data") or ""
-    out["data_version"] = f"md5:{clean['md5']}" if clean else f"{src.split(':')[0]}:{versions.get('data', '')}"
-    return out
