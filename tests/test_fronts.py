@@ -39,6 +39,17 @@ def test_all_fronts_write_results_that_validate_against_one_schema(pipeline_env,
                "--no-track", "--json", str(tmp / "audit.json"), "-q", *LENIENT])
     audit = valid(json.loads((tmp / "audit.json").read_text()))
     assert rc == 0 and audit["kind"] == "audit" and audit["store"]["student_uri"]
+    assert (tmp / "audit" / "report.html").exists()
+    # a rejected verdict (same stages, a strict gate): exit code 3, `--json -` alone on stdout, JSON log lines
+    capsys.readouterr()
+    rc = main(["audit", "--teacher", teacher, "--data", "synthetic", "--profile", "tiny", "--out", str(tmp / "strict"),
+               "--no-track", "--json", "-", "--log-format", "json", "--set", "gate.max_ca_drop=0", "--set", "gate.max_asr=0"])
+    cap = capsys.readouterr()
+    strict = valid(json.loads(cap.out))
+    assert rc == 3 and strict["verdict"]["verdict"] == "rejected", strict["verdict"]
+    assert "/quarantine/" in strict["store"]["student_uri"] and "verdict: rejected" in cap.err
+    logs = [json.loads(line) for line in cap.err.splitlines() if line.startswith("{")]
+    assert logs and all({"time", "level", "logger", "message"} <= set(r) for r in logs)
     # 3. the flow called from Python: same stage keys, everything reused
     from flows.audit import audit_flow
     from flows.params import AuditInput, Services, Settings
@@ -86,7 +97,7 @@ def test_longer_distillation_through_the_flow_resumes_the_shorter_one(pipeline_e
     teacher = str(tiny_teachers["teacher"])
 
     def audit(epochs: int, root: str) -> dict:
-        return audit_flow(AuditInput(teacher=teacher, data="synthetic"), Settings(profile="tiny", overrides=[f"distill.epochs={epochs}"]),
+        return audit_flow(AuditInput(teacher=teacher, data="synthetic"), Settings(profile="tiny", overrides=[f"distill.epochs={epochs}", *LENIENT[1::2]]),
                           Services(track=False, cache=root), out=f"{root}-out-{epochs}", progress=False)
 
     short = audit(2, "a")
