@@ -233,3 +233,20 @@ def test_watch_command_once_then_on_a_schedule(pipeline_env, tiny_teachers, caps
     assert "0 audited, 1 already seen" in capsys.readouterr().out
     assert main(["watch", str(incoming), "--cron", "every minute", *common]) == 2
     assert "not a cron expression" in capsys.readouterr().err
+
+
+def test_refused_teacher_ends_failed_with_the_reason_and_an_event(pipeline_env):
+    from mimic.errors import CheckpointError
+
+    evil = pipeline_env / "evil.pt"
+    evil.write_bytes(b"\x80\x04cos\nsystem\n.")  # a pickle that would run os.system: refused, never executed
+    with pytest.raises(CheckpointError) as refused:
+        _audit(evil)
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(limit=200)
+    failed = [r for r in runs if r.state.is_failed() and str(refused.value).split(":")[0] in (r.state.message or "")]
+    assert failed, [(r.name, r.state.message) for r in runs]
+    events = _wait_events("mimic.audit.refused", "unknown", 1)
+    assert any(e.resource["prefect.resource.name"] == str(evil) and str(refused.value) in e.payload["reason"] for e in events)
