@@ -162,6 +162,7 @@ def _print_tick(args: argparse.Namespace, res: dict) -> None:
 def _serve_watch(args: argparse.Namespace, watch_flow: Any, kwargs: dict) -> dict:
     """``--cron``: with a Prefect server (``PREFECT_API_URL``) serve a scheduled deployment; without one
     (Prefect's local mode cannot schedule) run a tick now and then at each time of the schedule here."""
+    from flows.watch import tick_of
     try:
         from cronsim import CronSim, CronSimError
 
