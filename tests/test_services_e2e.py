@@ -116,7 +116,8 @@ def test_passing_and_rejected_audits_on_real_services(servers, tiny_teachers, tm
     serve = subprocess.Popen([str(venv_program("mlflow")), "models", "serve", "-m", f"models:/{name}@sanitized", "-h", "127.0.0.1",
                               "-p", str(port), "--env-manager", "local", "--workers", "1"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
-                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+                             env={**os.environ, "PYTHONPATH": str(ROOT),  # mlflow runs the venv's uvicorn by name
+                                  "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
     try:
         wait_http(f"http://127.0.0.1:{port}/ping", timeout=180, proc=serve)
         images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
