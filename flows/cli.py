@@ -24,10 +24,35 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache", default="runs/cache", metavar="DIR", help="the stage cache (default: runs/cache)")
     g.add_argument("--no-track", action="store_true", help="skip MLflow logging and the registry gate")
     g.add_argument("--retries", type=int, metavar="N", help="retries of the network steps (S3, MLflow; default 3)")
+    g.add_argument("--sse", choices=("AES256", "aws:kms"), help="S3 server-side encryption of stored students "
+                   "(default: $MIMIC_S3_SSE, else the bucket's default)")
+    g.add_argument("--sse-kms-key-id", metavar="KEY", help="KMS key id for --sse aws:kms (default: $MIMIC_S3_KMS_KEY_ID)")
+    g.add_argument("--dvc-registry", default="runs/dvc", metavar="DIR", help="DVC repository the clean data and a local "
+                   "teacher are added to (default: runs/dvc, created without git)")
+    g.add_argument("--dvc-remote", metavar="URL", help="push the added inputs to this DVC remote (e.g. s3://bucket/dvc; "
+                   "default: $MIMIC_DVC_REMOTE, else the registry's default remote)")
 
 
-def _store_uri(args: argparse.Namespace) -> str | None:
-    return args.store or os.environ.get("MIMIC_STORE") or None
+def _settings(args: argparse.Namespace):
+    """The flow's Settings: the same params file, profile and overrides the command line built its config from."""
+    from flows.params import Settings
+
+    sets = list(args.sets) + ([f"device={args.device}"] if getattr(args, "device", None) else [])
+    return Settings(params_file=args.params, profile=args.profile, overrides=sets)
+
+
+def _services(args: argparse.Namespace):
+    from flows.params import Services
+
+    kms = args.sse_kms_key_id or os.environ.get("MIMIC_S3_KMS_KEY_ID") or None
+    sse = args.sse or os.environ.get("MIMIC_S3_SSE") or None
+    if sse not in (None, "AES256", "aws:kms"):
+        raise ConfigError(f"MIMIC_S3_SSE={sse!r}: use AES256 or aws:kms")
+    if kms and sse != "aws:kms":
+        raise ConfigError("--sse-kms-key-id needs --sse aws:kms")
+    return Services(store=args.store or os.environ.get("MIMIC_STORE") or None, sse=sse, kms_key_id=kms, cache=args.cache,
+                    track=not args.no_track, dvc_registry=args.dvc_registry,
+                    dvc_remote=args.dvc_remote or os.environ.get("MIMIC_DVC_REMOTE") or None, network_retries=args.retries)
 
 
 class _DropMimicTracebacks(logging.Filter):
@@ -81,12 +106,15 @@ def cmd_audit(args: argparse.Namespace) -> dict:
     check_source(args.eval_data, "--eval-data")
     if not args.teacher.startswith("s3://"):  # refuse unsafe teachers and unusable data before orchestration starts
         prepare(cfg, AuditRequest(args.teacher, args.data, args.eval_data, args.trigger, args.target_class), args.cache)
-    from flows.audit import audit_flow
+    from flows.audit import audit_flow, results_of
+    from flows.params import AuditInput
 
+    services = _services(args)
     with _orchestrated(args):
-        res = audit_flow(teacher=args.teacher, data=args.data, params=cfg.to_dict(), out=args.out, eval_data=args.eval_data,
-                         trigger=args.trigger, target=args.target_class, store=_store_uri(args), root=args.cache,
-                         track=not args.no_track, network_retries=args.retries, progress=not args.quiet)
+        state = audit_flow(AuditInput(teacher=args.teacher, data=args.data, eval_data=args.eval_data, trigger=args.trigger,
+                                      target_class=args.target_class), _settings(args), services, out=args.out,
+                           progress=not args.quiet, return_state=True)
+        res = results_of(state)
     say(args, table(res))
     reused = [k for k, v in res["cached"].items() if v]
     if reused:
@@ -94,24 +122,25 @@ def cmd_audit(args: argparse.Namespace) -> dict:
     say(args, f"student ({res['verdict']['verdict']}): {res['student']['file']} -> {res['store']['student_uri']}")
     if "mlflow" in res:
         reg = res["mlflow"]["registry"]
-        say(args, f"MLflow run {res['mlflow']['run_id']} ({res['mlflow']['tracking_uri']}); model {reg['name']} "
-            f"version {reg['version']}" + (f", alias '{reg['alias']}'" if reg["alias_moved"] else f", alias '{reg['alias']}' not moved"))
+        say(args, f"MLflow run {res['mlflow']['run_id']} ({res['mlflow']['tracking_uri']}); "
+            + (f"model {reg['name']} version {reg['version']}, alias '{reg['alias']}'" if reg.get("registered")
+               else f"not registered in {reg['name']} (rejected)"))
+    say(args, f"report: {res['out']}/report.html")
     return res
 
 
 def cmd_watch(args: argparse.Namespace) -> dict:
-    cfg = config(args)
+    config(args)  # a one-line error for bad parameters before orchestration starts
     check_source(args.data, "--data")
     check_source(args.eval_data, "--eval-data")
-    from flows.watch import watch_flow
+    from flows.watch import tick_of, watch_flow
 
-    kwargs = dict(location=args.location, data=args.data, params=cfg.to_dict(), ledger=args.ledger, eval_data=args.eval_data,
-                  store=_store_uri(args), root=args.cache, out_root=args.out_root, track=not args.no_track,
-                  network_retries=args.retries, progress=False)
+    kwargs = dict(location=args.location, data=args.data, settings=_settings(args), services=_services(args),
+                  ledger=args.ledger, eval_data=args.eval_data, out_root=args.out_root, progress=False)
     if args.cron:
         return _serve_watch(args, watch_flow, kwargs)
     with _orchestrated(args):
-        res = watch_flow(**kwargs)
+        res = tick_of(watch_flow(**kwargs, return_state=True))
     _print_tick(args, res)
     return res
 
@@ -133,6 +162,7 @@ def _print_tick(args: argparse.Namespace, res: dict) -> None:
 def _serve_watch(args: argparse.Namespace, watch_flow: Any, kwargs: dict) -> dict:
     """``--cron``: with a Prefect server (``PREFECT_API_URL``) serve a scheduled deployment; without one
     (Prefect's local mode cannot schedule) run a tick now and then at each time of the schedule here."""
+    from flows.watch import tick_of
     try:
         from cronsim import CronSim, CronSimError
 
@@ -141,14 +171,15 @@ def _serve_watch(args: argparse.Namespace, watch_flow: Any, kwargs: dict) -> dic
         raise ConfigError(f"--cron {args.cron!r}: not a cron expression ({exc})") from None
     if os.environ.get("PREFECT_API_URL"):
         say(args, f"serving deployment mimic-watch on {args.location}, schedule {args.cron!r}, via {os.environ['PREFECT_API_URL']}")
-        watch_flow.serve(name="mimic-watch", cron=args.cron, parameters=kwargs, print_starting_message=not args.quiet)
+        params = {k: v.model_dump() if hasattr(v, "model_dump") else v for k, v in kwargs.items()}
+        watch_flow.serve(name="mimic-watch", cron=args.cron, parameters=params, print_starting_message=not args.quiet)
         return {"served": True}
     say(args, f"no Prefect server configured (PREFECT_API_URL): scheduling {args.cron!r} here; Ctrl-C to stop")
     ticks: list[dict] = []
     schedule = CronSim(args.cron, datetime.now().astimezone())
     while True:
         with _orchestrated(args):
-            res = watch_flow(**kwargs)
+            res = tick_of(watch_flow(**kwargs, return_state=True))
         _print_tick(args, res)
         ticks.append({k: len(v) for k, v in res.items() if isinstance(v, list)})
         if args.max_ticks and len(ticks) >= args.max_ticks:

@@ -6,7 +6,10 @@ once: the same weights under another name or format are recognised by their fing
 ledger is a directory of small JSON files, one per fingerprint, claimed atomically, so two
 watchers (or a watcher and a CLI audit) never audit one teacher twice. A failed audit releases
 its claim (the next tick tries again); a refused file (unsafe or not an encoder) is recorded and
-reported once.
+reported once (a Failed ``admit-teacher`` task and the event ``mimic.audit.refused``).
+
+A tick ends ``Completed`` (its message counts what happened) or ``Failed`` when an audit failed;
+each audit is a subflow with its own state (``Completed``, ``Rejected``, ``Failed``).
 """
 
 from __future__ import annotations
@@ -16,13 +19,16 @@ import logging
 import os
 from pathlib import Path
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, Failed
 
-from flows.audit import audit_flow
-from mimic.config import config_from_dict
+from flows.audit import audit_flow, results_of
+from flows.params import AuditInput, Services, Settings
 from mimic.errors import CheckpointError, MimicError
 from mimic.inputs import admit_teacher
 from mimic.io import write_json
+from tasks.observe import emit
 from tasks.teacher import fetch_teacher
 
 log = logging.getLogger("mimic")
@@ -95,38 +101,45 @@ class Ledger:
         return out
 
 
-@flow(name="mimic-watch", log_prints=True)
+@task(name="admit-teacher", cache_policy=NO_CACHE)
+def admit_candidate(local: str, limits) -> str:
+    """The fingerprint of an incoming file; a refused (unsafe, not an encoder) file fails this task with the reason."""
+    return admit_teacher(local, limits).fingerprint
+
+
+@flow(name="mimic-watch", log_prints=True, validate_parameters=True)
 def watch_flow(
     location: str,
     data: str,
-    params: dict,
+    settings: Settings | None = None,
+    services: Services | None = None,
     ledger: str = "runs/watch",
     eval_data: str | None = None,
-    store: str | None = None,
-    root: str = "runs/cache",
     out_root: str = "runs/audits",
-    track: bool = True,
-    network_retries: int | None = None,
     progress: bool = False,
 ) -> dict:
     """One tick: audit every new teacher fingerprint under ``location``; returns what happened."""
+    logger = get_run_logger()
+    settings, services = settings or Settings(), services or Services()
+    retries, root = services.network_retries, services.cache
     book = Ledger(ledger)
-    limits = config_from_dict(params).limits
+    limits = settings.config(data).limits
     known = book.files()
     audited, skipped, refused, failed = [], [], [], []
-    for cand in list_incoming(location, network_retries):
+    for cand in list_incoming(location, retries):
         memo = known.get(f"{cand['uri']}|{cand['version']}")
         if memo is not None and memo.get("refused"):
             continue  # reported when first seen
         if memo is not None:
             fp = memo["fingerprint"]
-            local = None
         else:
+            local = fetch_teacher(cand["uri"], str(Path(root) / "fetched"), retries)
+            state = admit_candidate(local, limits, return_state=True)
             try:
-                local = fetch_teacher(cand["uri"], str(Path(root) / "fetched"), network_retries)
-                fp = admit_teacher(local, limits).fingerprint
+                fp = state.result()
             except CheckpointError as exc:
-                log.warning("%s: refused: %s", cand["name"], exc)
+                logger.warning("%s: refused: %s", cand["name"], exc)
+                emit("refused", None, cand["uri"], {"reason": str(exc)})
                 book.remember(cand["uri"], cand["version"], {"refused": str(exc)})
                 refused.append({"uri": cand["uri"], "reason": str(exc)})
                 continue
@@ -135,16 +148,39 @@ def watch_flow(
             skipped.append({"uri": cand["uri"], "fingerprint": fp})
             continue
         try:
-            res = audit_flow(teacher=cand["uri"], data=data, params=params, out=str(Path(out_root) / fp[:12]),
-                             eval_data=eval_data, store=store, root=root, track=track, network_retries=network_retries,
-                             progress=progress)
+            res = results_of(audit_flow(AuditInput(teacher=cand["uri"], data=data, eval_data=eval_data), settings, services,
+                                        out=str(Path(out_root) / fp[:12]), progress=progress, return_state=True))
         except Exception as exc:  # noqa: BLE001 - one bad teacher must not stop the tick
             book.release(fp)
-            log.error("%s: audit failed: %s", cand["name"], " ".join(str(exc).split()))
+            logger.error("%s: audit failed: %s", cand["name"], " ".join(str(exc).split()))
             failed.append({"uri": cand["uri"], "fingerprint": fp, "error": " ".join(str(exc).split())})
             continue
         record = {"uri": cand["uri"], "verdict": res["verdict"]["verdict"], "results": str(Path(res["out"]) / "results.json"),
                   **{k: res[k] for k in ("teacher_ca", "teacher_asr", "student_ca", "student_asr")}}
         book.finish(fp, record)
         audited.append({"fingerprint": fp, **record})
-    return {"location": location, "audited": audited, "skipped": skipped, "refused": refused, "failed": failed}
+    tick = {"location": location, "audited": audited, "skipped": skipped, "refused": refused, "failed": failed}
+    rejected = sum(a["verdict"] == "rejected" for a in audited)
+    summary = (f"{len(audited)} audited ({rejected} rejected), {len(skipped)} already seen, {len(refused)} refused, "
+               f"{len(failed)} failed")
+    if failed:
+        return Failed(message=summary, data=WatchFailed(tick))
+    return Completed(message=summary, data=tick)
+
+
+class WatchFailed(Exception):
+    """A tick in which an audit failed; ``tick`` holds what happened."""
+
+    def __init__(self, tick: dict) -> None:
+        super().__init__(f"{len(tick['failed'])} audit(s) failed")
+        self.tick = tick
+
+
+def tick_of(state) -> dict:
+    """What a watch tick did, from its final state (a failed tick too); raises any other error."""
+    data = state.result(raise_on_failure=False)
+    if isinstance(data, WatchFailed):
+        return data.tick
+    if isinstance(data, BaseException):
+        raise data
+    return data

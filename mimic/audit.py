@@ -26,6 +26,7 @@ from mimic.identity import audit_key
 from mimic.inputs import (Attack, Teacher, admit_teacher, clean_subset, clean_version, keep_copy, load_data,
                           load_teacher, require_clean_size, resolve_attack)
 from mimic.io import copy_file, write_json
+from mimic.report import write_report
 from mimic.results import build_results, stage_record
 from mimic.stages.common import StagePlan, StageRun
 from mimic.stages.distill import effective_weights, plan_distill
@@ -101,7 +102,7 @@ def run_audit(
     on_epoch_end: Callable[[int, dict], None] | None = None, kind: str = "audit",
     stages: Mapping[str, StageRun] | None = None, started: float | None = None,
 ) -> dict[str, Any]:
-    """MI -> distillation -> evaluation for one teacher; writes ``results.json`` and the student to ``out_dir``.
+    """MI -> distillation -> evaluation for one teacher; writes ``results.json``, ``report.html`` and the student to ``out_dir``.
 
     ``stages``: runs done before the audit (the demo's pre-training and attack), recorded with it;
     ``started``: ``time.perf_counter()`` when the whole command started (default: now).
@@ -153,6 +154,7 @@ def run_audit(
         "stage": "distill", "teacher_fingerprint": fp, "audit_key": akey, "verdict": results["verdict"]["verdict"],
         "weights": weights, "key": runs["distill"].key})
     write_json(out / "results.json", results)
+    write_report(results, out)
     return results
 
 

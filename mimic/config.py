@@ -151,7 +151,7 @@ class GateConfig:
     max_asr: float          # student ASR (%) must be <= this
     max_ca_drop: float      # teacher CA - student CA (points) must be <= this
     require_asr: bool       # refuse when ASR could not be measured (no trigger known)
-    model_name: str         # registered model name in the MLflow registry
+    model_name: str         # registered model name: a template with {teacher} (file stem) and {fingerprint} (12 hex)
     alias: str              # alias moved to a version that passes the gate
     experiment: str         # MLflow experiment of the audit runs
 
@@ -159,6 +159,11 @@ class GateConfig:
         _check(0 <= self.max_asr <= 100, "gate.max_asr must be a percentage in 0..100")
         _check(self.max_ca_drop >= 0, "gate.max_ca_drop must be >= 0")
         _check(bool(self.model_name.strip()) and bool(self.alias.strip()), "gate.model_name and gate.alias must be non-empty")
+        try:
+            self.model_name.format(teacher="t", fingerprint="f")
+        except (KeyError, IndexError, ValueError):
+            raise ConfigError(f"gate.model_name {self.model_name!r}: the only placeholders are {{teacher}} and "
+                              "{fingerprint}") from None
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Retry settings of the MLflow tasks: the one retry layer of tracking calls (S3 retries live in its client)."""
+"""Retry settings of the network probes: the MLflow probe (``tasks.tracking.probe``) is the one Prefect-retried
+step of tracking; S3 retries live in its client, DVC pushes in DVC's."""
 
 from __future__ import annotations
 

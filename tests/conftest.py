@@ -81,7 +81,7 @@ def s3_endpoint():
 
 
 @pytest.fixture
-def s3_env(monkeypatch, s3_endpoint) -> str:
+def s3_env(monkeypatch, s3_endpoint, tmp_path_factory) -> str:
     """Point boto3 at the moto server through its standard env vars; create and return a fresh bucket.
 
     ~/.aws and instance metadata are shut out, so only these settings count.
@@ -98,8 +98,10 @@ def s3_env(monkeypatch, s3_endpoint) -> str:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    empty = tmp_path_factory.mktemp("aws") / "empty"  # a regular empty file: dvc-s3 refuses /dev/null
+    empty.write_text("")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(empty))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     bucket = f"test-{uuid.uuid4().hex[:16]}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)

@@ -10,17 +10,23 @@ from pathlib import Path
 
 import pytest
 
-from mimic.config import load_config
 
 HEAVY = ("mi", "distill", "evaluate-teacher", "evaluate-student")
 
 
-def _audit(teacher: Path, *sets: str, **kw):
-    from flows.audit import audit_flow
+def _audit(teacher: Path, *sets: str, services=None, data: str = "synthetic", **kw):
+    from flows.audit import audit_flow, results_of
+    from flows.params import AuditInput, Services, Settings
 
-    cfg = load_config(profile="tiny", sets=list(sets))
-    state = audit_flow(teacher=str(teacher), data="synthetic", params=cfg.to_dict(), progress=False, return_state=True, **kw)
-    return state.result(), state
+    state = audit_flow(AuditInput(teacher=str(teacher), data=data), Settings(profile="tiny", overrides=list(sets)),
+                       services or Services(), progress=False, return_state=True, **kw)
+    return results_of(state), state
+
+
+def _services(**kw):
+    from flows.params import Services
+
+    return Services(**kw)
 
 
 def _task_states(flow_state) -> dict[str, str]:
@@ -38,19 +44,19 @@ def _sha256(path: Path) -> str:
 
 
 def test_second_audit_reuses_every_heavy_task_and_a_distill_param_reruns_only_its_steps(pipeline_env, tiny_teachers):
-    first, s1 = _audit(tiny_teachers["teacher"], track=False)
+    first, s1 = _audit(tiny_teachers["teacher"], services=_services(track=False))
     states = _task_states(s1)
     assert all(states[t] == "Completed" for t in HEAVY), states
     assert not any(first["cached"].values())
 
-    again, s2 = _audit(tiny_teachers["teacher"], track=False)
+    again, s2 = _audit(tiny_teachers["teacher"], services=_services(track=False))
     states = _task_states(s2)
     assert all(states[t] == "Cached" for t in HEAVY), states
     assert all(again["cached"].values())
     assert again["student"]["fingerprint"] == first["student"]["fingerprint"]
     assert again["student_asr"] == first["student_asr"] and again["student_ca"] == first["student_ca"]
 
-    changed, s3 = _audit(tiny_teachers["teacher"], "distill.epochs=3", track=False)
+    changed, s3 = _audit(tiny_teachers["teacher"], "distill.epochs=3", services=_services(track=False))
     states = _task_states(s3)
     assert states["mi"] == "Cached" and states["evaluate-teacher"] == "Cached", states
     assert states["distill"] == "Completed" and states["evaluate-student"] == "Completed", states
@@ -58,51 +64,135 @@ def test_second_audit_reuses_every_heavy_task_and_a_distill_param_reruns_only_it
 
     # cached records whose files were deleted are recomputed, not returned dangling
     shutil.rmtree(pipeline_env / "runs" / "cache")
-    redo, _ = _audit(tiny_teachers["teacher"], track=False)
+    redo, _ = _audit(tiny_teachers["teacher"], services=_services(track=False))
     assert not redo["cached"]["distill"] and Path(redo["student"]["path"]).exists()
     assert redo["student"]["fingerprint"] == first["student"]["fingerprint"]  # deterministic on CPU
 
 
-def test_audit_with_s3_store_and_registry_gate(pipeline_env, tiny_teachers, s3_env):
+def _events(prefix: str, fingerprint: str) -> list:
+    """Events named ``prefix*`` about the teacher ``fingerprint``, read back from the Prefect API."""
+    from prefect import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    with get_client(sync_client=True) as client:
+        page = client.read_events(EventFilter(event=EventNameFilter(prefix=[prefix]),
+                                              resource=EventResourceFilter(id=[f"mimic.teacher.{fingerprint}"])), limit=50)
+    return page.events
+
+
+def _wait_events(prefix: str, fingerprint: str, n: int) -> list:
+    import time
+
+    deadline = time.monotonic() + 60
+    while True:  # events reach the API asynchronously (Prefect's events worker)
+        from prefect.events.worker import EventsWorker
+
+        EventsWorker.drain_all(timeout=10)
+        events = _events(prefix, fingerprint)
+        if len(events) >= n or time.monotonic() > deadline:
+            return events
+        time.sleep(0.5)
+
+
+def test_audit_services_pass_then_reject_then_fail(pipeline_env, tiny_teachers, s3_env):
+    """What each service holds after a passing, a rejected and a failed audit of one teacher."""
     import boto3
     from mlflow import MlflowClient
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    store = f"s3://{s3_env}/mimic"
-    res, _ = _audit(tiny_teachers["teacher"], store=store)
-    fp = res["teacher"]["fingerprint"]
     s3 = boto3.client("s3")
-    prefix = f"mimic/sanitized/{fp}/{res['audit_key']}/"
+    s3.put_bucket_versioning(Bucket=s3_env, VersioningConfiguration={"Status": "Enabled"})
+    store = f"s3://{s3_env}/mimic"
+    svc = _services(store=store, sse="AES256", dvc_remote=f"s3://{s3_env}/dvc")
+    res, state = _audit(tiny_teachers["teacher"], services=svc)
+    assert state.type.value == "COMPLETED" and res["verdict"]["passed"], res["verdict"]
+    fp, akey = res["teacher"]["fingerprint"], res["audit_key"]
+
+    # S3: sanitized/ prefix, SHA-256 checksums, SSE, VersionIds recorded
+    prefix = f"mimic/sanitized/{fp}/{akey}/"
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=s3_env, Prefix=prefix)["Contents"])
     assert keys == [prefix + "meta.json", prefix + "student.safetensors"]
+    head = s3.head_object(Bucket=s3_env, Key=prefix + "student.safetensors", ChecksumMode="ENABLED")
+    assert head["ServerSideEncryption"] == "AES256" and head["VersionId"] == res["store"]["version_id"]
     body = s3.get_object(Bucket=s3_env, Key=prefix + "student.safetensors")["Body"].read()
-    local_sha = _sha256(Path(res["student"]["file"]))
-    assert hashlib.sha256(body).hexdigest() == local_sha == res["store"]["sha256"]
+    assert hashlib.sha256(body).hexdigest() == _sha256(Path(res["student"]["file"])) == res["store"]["sha256"]
     meta = json.loads(s3.get_object(Bucket=s3_env, Key=prefix + "meta.json")["Body"].read())
-    assert meta["sha256"] == local_sha and meta["teacher_fingerprint"] == fp
+    assert meta["sha256"] == res["store"]["sha256"] and meta["student_version_id"] == res["store"]["version_id"]
 
+    # DVC: the teacher file was added to the registry and pushed to the remote (its md5 under the remote prefix)
+    dvc = res["data"]["dvc"]["teacher"]
+    assert dvc["pushed"] and dvc["md5"] == _md5(tiny_teachers["teacher"])
+    remote_keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_env, Prefix="dvc/")["Contents"]]
+    assert any(k.endswith(dvc["md5"][2:]) for k in remote_keys), remote_keys
+
+    # MLflow: a FINISHED run with live per-epoch losses, inputs, the student as a model with a signature
     client = MlflowClient()
-    name = res["config"]["gate"]["model_name"]
-    reg = res["mlflow"]["registry"]
-    mv = client.get_model_version(name, reg["version"])
-    assert {"teacher_fingerprint", "teacher_uri", "data_version", "verdict"} <= set(mv.tags)
-    assert mv.tags["teacher_fingerprint"] == fp and mv.tags["data_version"] == res["data"]["data_version"]
     run = client.get_run(res["mlflow"]["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["verdict"] == "sanitized"
     assert run.data.params["distill.epochs"] == str(res["config"]["distill"]["epochs"])
-    assert run.data.metrics["student_asr"] == pytest.approx(res["student_asr"])
+    history = client.get_metric_history(run.info.run_id, "distill.loss")
+    assert [m.step for m in history] == list(range(1, res["config"]["distill"]["epochs"] + 1))
+    assert all(m.timestamp > 0 for m in history) and history[-1].timestamp >= history[0].timestamp
+    assert run.data.metrics["student_ca"] == pytest.approx(res["student_ca"])
+    contexts = {d.dataset.name: (d.dataset.digest, {t.key: t.value for t in d.tags}["mlflow.data.context"])
+                for d in run.inputs.dataset_inputs}
+    assert contexts["clean"][1] == "training" and contexts["eval"][1] == "evaluation"
+    teacher_model = client.get_logged_model(run.data.tags["mimic.teacher_model_id"])
+    assert teacher_model.tags["mimic.fingerprint"] == fp and teacher_model.tags["mimic.dvc_md5"] == dvc["md5"]
+    assert [m.model_id for m in run.inputs.model_inputs] == [teacher_model.model_id]
+    student_model = client.get_logged_model(res["mlflow"]["model_id"])
+    assert student_model.tags["mimic.teacher_model_id"] == teacher_model.model_id
+    assert {m.key for m in student_model.metrics} >= {"student_ca", "teacher_ca"}
+    from mlflow.models import get_model_info
+
+    info = get_model_info(res["mlflow"]["model_uri"])
+    assert info.signature is not None and tuple(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 32, 32, 3)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"mi.png", "losses.png", "results.json", "teacher_fingerprint.json"} <= artifacts
-    assert res["verdict"]["passed"], res["verdict"]
-    assert mv.tags["verdict"] == "sanitized"
+    assert {"mi.png", "losses.png", "results.json", "report.html"} <= artifacts
+    name = res["mlflow"]["registry"]["name"]
+    assert name == "teacher-sanitized"  # the teacher file's name: one registered model per teacher lineage
+    mv = client.get_model_version_by_alias(name, "sanitized")
+    assert str(mv.version) == res["mlflow"]["registry"]["version"] and mv.tags["verdict"] == "sanitized"
+    assert mv.tags["teacher_fingerprint"] == fp and mv.tags["data_version"] == res["data"]["data_version"]
+
+    # a stricter gate: Rejected state, quarantine/, a run with the student logged but no new version
+    assert res["student_asr"] > 0, "precondition: the tiny student keeps some ASR"
+    strict, sstate = _audit(tiny_teachers["teacher"], f"gate.max_asr={res['student_asr'] / 2}", services=svc)
+    assert sstate.type.value == "FAILED" and sstate.name == "Rejected" and "ASR" in sstate.message
+    assert all(strict["cached"][k] for k in HEAVY)  # only the gate changed: nothing heavy re-ran
+    assert strict["store"]["student_uri"].startswith(f"s3://{s3_env}/mimic/quarantine/{fp}/{strict['audit_key']}/")
+    srun = client.get_run(strict["mlflow"]["run_id"])
+    assert srun.info.status == "FINISHED" and srun.data.tags["verdict"] == "rejected"
+    assert client.get_logged_model(strict["mlflow"]["model_id"]).tags["verdict"] == "rejected"
+    assert not strict["mlflow"]["registry"]["registered"]
+    assert [v.version for v in client.search_model_versions(f"name = '{name}'")] == [mv.version]
     assert client.get_model_version_by_alias(name, "sanitized").version == mv.version
 
-    # a stricter gate: a new version tagged rejected, the alias stays where it was
-    assert res["student_asr"] > 0, "precondition: the tiny student keeps some ASR"
-    strict, _ = _audit(tiny_teachers["teacher"], f"gate.max_asr={res['student_asr'] / 2}", store=store)
-    assert all(strict["cached"].values())  # only the gate changed: nothing heavy re-ran
-    rej = client.get_model_version(name, strict["mlflow"]["registry"]["version"])
-    assert rej.version != mv.version and rej.tags["verdict"] == "rejected" and "ASR" in rej.tags["verdict_reason"]
-    assert strict["store"]["student_uri"].startswith(f"s3://{s3_env}/mimic/quarantine/{fp}/{strict['audit_key']}/")
-    assert client.get_model_version_by_alias(name, "sanitized").version == mv.version
+    # a failure after the run opened (the store's bucket does not exist): run FAILED with the error, flow Failed
+    bad = _services(store="s3://no-such-bucket-mimic/x")
+    from mimic.errors import StoreError
+
+    with pytest.raises(StoreError):
+        _audit(tiny_teachers["teacher"], services=bad)
+    failed = client.search_runs([run.info.experiment_id], "attributes.status = 'FAILED'")
+    assert len(failed) == 1 and "no-such-bucket-mimic" in failed[0].data.tags["mimic.error"]
+
+    # Prefect: artifacts (CA/ASR table, markdown report with the MI plot) and one event per outcome
+    with get_client(sync_client=True) as pc:
+        arts = pc.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"audit-{fp[:12]}",
+                                                                                              f"audit-{fp[:12]}-report"])))
+    kinds = {a.key: a.type for a in arts}
+    assert kinds == {f"audit-{fp[:12]}": "table", f"audit-{fp[:12]}-report": "markdown"}
+    assert any("data:image/png;base64," in str(a.data) for a in arts if a.type == "markdown")
+    events = _wait_events("mimic.audit.", fp, 3)
+    assert sorted(e.event for e in events) == ["mimic.audit.failed", "mimic.audit.rejected", "mimic.audit.sanitized"]
+    passed_event = next(e for e in events if e.event == "mimic.audit.sanitized")
+    assert passed_event.payload["student_uri"] == res["store"]["student_uri"]
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(Path(path).read_bytes()).hexdigest()
 
 
 def test_watch_audits_each_fingerprint_once(pipeline_env, tiny_teachers):
@@ -114,15 +204,17 @@ def test_watch_audits_each_fingerprint_once(pipeline_env, tiny_teachers):
     shutil.copy(tiny_teachers["clean"], incoming / "vendor-model.pt")
     shutil.copy(tiny_teachers["teacher"], incoming / "teacher-renamed.pt")  # same weights, another name
     (incoming / "evil.pt").write_bytes(b"\x80\x04cos\nsystem\n.")  # refused, never executed
-    params = load_config(profile="tiny").to_dict()
-    tick = watch_flow(location=str(incoming), data="synthetic", params=params, track=False)
+    from flows.params import Settings
+
+    params = Settings(profile="tiny")
+    tick = watch_flow(location=str(incoming), data="synthetic", settings=params, services=_services(track=False))
     assert len(tick["audited"]) == 2, tick
     assert len(tick["skipped"]) == 1 and len(tick["refused"]) == 1, tick
     audited = {a["fingerprint"] for a in tick["audited"]}
     assert len(audited) == 2
     for a in tick["audited"]:
         assert Path(a["results"]).exists()
-    second = watch_flow(location=str(incoming), data="synthetic", params=params, track=False)
+    second = watch_flow(location=str(incoming), data="synthetic", settings=params, services=_services(track=False))
     assert second["audited"] == [] and second["refused"] == [] and second["failed"] == [], second
 
 
@@ -141,3 +233,20 @@ def test_watch_command_once_then_on_a_schedule(pipeline_env, tiny_teachers, caps
     assert "0 audited, 1 already seen" in capsys.readouterr().out
     assert main(["watch", str(incoming), "--cron", "every minute", *common]) == 2
     assert "not a cron expression" in capsys.readouterr().err
+
+
+def test_refused_teacher_ends_failed_with_the_reason_and_an_event(pipeline_env):
+    from mimic.errors import CheckpointError
+
+    evil = pipeline_env / "evil.pt"
+    evil.write_bytes(b"\x80\x04cos\nsystem\n.")  # a pickle that would run os.system: refused, never executed
+    with pytest.raises(CheckpointError) as refused:
+        _audit(evil)
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(limit=200)
+    failed = [r for r in runs if r.state.is_failed() and str(refused.value).split(":")[0] in (r.state.message or "")]
+    assert failed, [(r.name, r.state.message) for r in runs]
+    events = _wait_events("mimic.audit.refused", "unknown", 1)
+    assert any(e.resource["prefect.resource.name"] == str(evil) and str(refused.value) in e.payload["reason"] for e in events)

@@ -10,7 +10,6 @@ import jsonschema
 import pytest
 
 from mimic.cli import main
-from mimic.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = json.loads((ROOT / "docs" / "results.schema.json").read_text())
@@ -40,12 +39,24 @@ def test_all_fronts_write_results_that_validate_against_one_schema(pipeline_env,
                "--no-track", "--json", str(tmp / "audit.json"), "-q", *LENIENT])
     audit = valid(json.loads((tmp / "audit.json").read_text()))
     assert rc == 0 and audit["kind"] == "audit" and audit["store"]["student_uri"]
+    assert (tmp / "audit" / "report.html").exists()
+    # a rejected verdict (same stages, a strict gate): exit code 3, `--json -` alone on stdout, JSON log lines
+    capsys.readouterr()
+    rc = main(["audit", "--teacher", teacher, "--data", "synthetic", "--profile", "tiny", "--out", str(tmp / "strict"),
+               "--no-track", "--json", "-", "--log-format", "json", "--set", "gate.max_ca_drop=0", "--set", "gate.max_asr=0"])
+    cap = capsys.readouterr()
+    strict = valid(json.loads(cap.out))
+    assert rc == 3 and strict["verdict"]["verdict"] == "rejected", strict["verdict"]
+    assert "/quarantine/" in strict["store"]["student_uri"] and "verdict: rejected" in cap.err
+    logs = [json.loads(line) for line in cap.err.splitlines() if line.startswith("{")]
+    assert logs and all({"time", "level", "logger", "message"} <= set(r) for r in logs)
     # 3. the flow called from Python: same stage keys, everything reused
     from flows.audit import audit_flow
+    from flows.params import AuditInput, Services, Settings
 
-    cfg = load_config(profile="tiny", sets=["gate.max_ca_drop=100", "gate.max_asr=100"])
-    flow = valid(audit_flow(teacher=teacher, data="synthetic", params=cfg.to_dict(), out=str(tmp / "flow"), track=False,
-                            progress=False))
+    flow = valid(audit_flow(AuditInput(teacher=teacher, data="synthetic"),
+                            Settings(profile="tiny", overrides=["gate.max_ca_drop=100", "gate.max_asr=100"]),
+                            Services(track=False), out=str(tmp / "flow"), progress=False))
     assert flow["stages"] == {k: {**v, "cached": True, "seconds": 0.0} for k, v in audit["stages"].items()}
     assert flow["audit_key"] == audit["audit_key"] and flow["student"]["fingerprint"] == audit["student"]["fingerprint"]
     # 4. the stage commands of the DVC pipeline, each in its own output dir, then `mimic results`
@@ -81,13 +92,13 @@ def test_longer_distillation_through_the_flow_resumes_the_shorter_one(pipeline_e
     """Rule 2: extending distill.epochs from N to 2N through the audit resumes from epoch N, and the
     result is the student a straight 2N-epoch run makes (bit for bit on CPU)."""
     from flows.audit import audit_flow
+    from flows.params import AuditInput, Services, Settings
 
     teacher = str(tiny_teachers["teacher"])
 
     def audit(epochs: int, root: str) -> dict:
-        cfg = load_config(profile="tiny", sets=[f"distill.epochs={epochs}"])
-        return audit_flow(teacher=teacher, data="synthetic", params=cfg.to_dict(), root=root, out=f"{root}-out-{epochs}",
-                          track=False, progress=False)
+        return audit_flow(AuditInput(teacher=teacher, data="synthetic"), Settings(profile="tiny", overrides=[f"distill.epochs={epochs}", *LENIENT[1::2]]),
+                          Services(track=False, cache=root), out=f"{root}-out-{epochs}", progress=False)
 
     short = audit(2, "a")
     longer = audit(4, "a")

@@ -18,6 +18,7 @@ the ``mimic.commands`` entry point group, so this package never imports Prefect,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -115,14 +116,15 @@ def say(args: argparse.Namespace, text: str) -> None:
     print(text, file=out_stream(args), flush=True)
 
 
-def emit(args: argparse.Namespace, result: dict) -> None:
+def emit(args: argparse.Namespace, result: dict, stdout=None) -> None:
     if not args.json:
         return
     from mimic.io import json_bytes, write_json
 
     if args.json == "-":
-        sys.stdout.write(json_bytes(result).decode())
-        sys.stdout.flush()
+        out = stdout or sys.stdout
+        out.write(json_bytes(result).decode())
+        out.flush()
     else:
         write_json(args.json, result)
 
@@ -155,13 +157,17 @@ def main(argv: list[str] | None = None) -> int:
             from mimic.runtime import set_threads
 
             set_threads(args.threads)  # default: the physical cores this process may use
-        result = COMMANDS[args.command](args)
+        if getattr(args, "json", None) == "-":  # the results alone on stdout: whatever a library prints goes to stderr
+            with contextlib.redirect_stdout(sys.stderr):
+                result = COMMANDS[args.command](args)
+        else:
+            result = COMMANDS[args.command](args)
         result.setdefault("seconds", round(time.perf_counter() - t0, 2))
         if getattr(args, "config", None) is not None and "environment" not in result:
             from mimic.results import environment
 
             result["environment"] = environment(args.config.device, args.config.seed)
-        emit(args, result)
+        emit(args, result, stdout)
         return exit_code(result)
     except ServiceUnavailable as exc:
         if args.debug:
