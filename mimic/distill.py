@@ -71,21 +71,30 @@ class Clock:
     """Per-phase wall time of :func:`distill_step` (benchmarks only; production passes none).
 
     ``lap(name)`` charges the time since the previous lap to ``name``; on CUDA it synchronises first,
-    which is exactly the host sync production runs avoid.
+    which is exactly the host sync production runs avoid. ``steps`` holds, per step, the images,
+    the seconds and the seconds per phase.
     """
 
     def __init__(self, device: torch.device) -> None:
-        self.device, self.seconds, self._t = device, {}, time.perf_counter()
+        self.device = device
+        self.steps: list[tuple[int, float, dict[str, float]]] = []
+        self._phases: dict[str, float] = {}
+        self._t = self._t0 = time.perf_counter()
 
     def start(self) -> None:
         self._sync()
-        self._t = time.perf_counter()
+        self._t = self._t0 = time.perf_counter()
+        self._phases = {}
 
     def lap(self, name: str) -> None:
         self._sync()
         now = time.perf_counter()
-        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._t
+        self._phases[name] = self._phases.get(name, 0.0) + now - self._t
         self._t = now
+
+    def step_done(self, images: int) -> None:
+        self.lap("other")  # the loss log and loop overhead
+        self.steps.append((images, self._t - self._t0, self._phases))
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -211,33 +220,45 @@ def distill_step(d: Distiller, images: Tensor, views: tuple[ViewDraw, ViewDraw],
     return torch.stack([total.detach(), *[r.detach() for r in report]])
 
 
-def train(d: Distiller, clean: ImageSet, *, seed: int, work_dir: Path, key: str, progress: bool = True,
-          on_epoch_end=None) -> LoopResult:
-    """The epoch loop around :func:`distill_step` (checkpoints and resume: :func:`mimic.training.run_epochs`)."""
+def run_epoch(d: Distiller, clean: ImageSet, epoch: int, g: torch.Generator, *, clock: Clock | None = None,
+              max_steps: int | None = None) -> dict[str, float]:
+    """One epoch of :func:`distill_step` over ``clean`` (this rank's share of each global batch).
+
+    Every rank draws the same order and views from ``g`` and computes its rows (mimic.distributed).
+    ``clock``/``max_steps``: for the benchmark, which times exactly this loop.
+    """
     cfg, world = d.cfg, d.world
     batch_size = min(cfg.batch_size, len(clean))
     drop_last = len(clean) >= 2 * batch_size
-    immediate = d.device.type == "cpu" and world.size == 1
+    log = LossLog(d.names, "distill", epoch, immediate=d.device.type == "cpu" and world.size == 1)
+    for step, idx in enumerate(batches(len(clean), batch_size, g, drop_last=drop_last)):
+        if max_steps is not None and step >= max_steps:
+            break
+        if clock:
+            clock.start()
+        n = len(idx)
+        lo, hi = world.shard(n)
+        if hi - lo < 2:  # a BatchNorm batch needs 2 images on every rank
+            continue
+        views = draw_view(n, g, cfg.crop_min_scale), draw_view(n, g, cfg.crop_min_scale)
+        if world.size > 1:
+            views = views[0].rows(lo, hi), views[1].rows(lo, hi)
+        log.add(distill_step(d, clean.x[idx[lo:hi]], views, n, clock), n)
+        if clock:
+            clock.step_done(n)
+    means = log.means(world)
+    world.average_buffers_(d.student)
+    world.average_buffers_(d.head)
+    return means
 
-    def epoch_fn(epoch: int, g: torch.Generator) -> dict[str, float]:
-        log = LossLog(d.names, "distill", epoch, immediate=immediate)
-        for idx in batches(len(clean), batch_size, g, drop_last=drop_last):
-            n = len(idx)
-            lo, hi = world.shard(n)
-            if hi - lo < 2:  # a BatchNorm batch needs 2 images on every rank
-                continue
-            views = draw_view(n, g, cfg.crop_min_scale), draw_view(n, g, cfg.crop_min_scale)
-            if world.size > 1:
-                views = views[0].rows(lo, hi), views[1].rows(lo, hi)
-            log.add(distill_step(d, clean.x[idx[lo:hi]], views, n), n)
-        means = log.means(world)
-        world.average_buffers_(d.student)
-        world.average_buffers_(d.head)
-        return means
 
-    modules = {"student": d.student, "head": d.head}
-    return run_epochs("distill", modules=modules, optimizer=d.optimizer, epochs=cfg.epochs, seed=seed, work_dir=work_dir,
-                      key=key, epoch_fn=epoch_fn, progress=progress, on_epoch_end=on_epoch_end, writer=world.main)
+def train(d: Distiller, clean: ImageSet, *, seed: int, work_dir: Path, key: str, progress: bool = True,
+          on_epoch_end=None) -> LoopResult:
+    """The epoch loop around :func:`run_epoch` (checkpoints and resume: :func:`mimic.training.run_epochs`)."""
+    return run_epochs("distill", modules={"student": d.student, "head": d.head}, optimizer=d.optimizer,
+                      epochs=d.cfg.epochs, seed=seed, work_dir=work_dir, key=key,
+                      epoch_fn=lambda epoch, g: run_epoch(d, clean, epoch, g), progress=progress,
+                      on_epoch_end=on_epoch_end, writer=d.world.main)
 
 
 def _rank_main(world: World, device: torch.device, teacher: Encoder, clean: ImageSet, cfg: DistillConfig, weights,
