@@ -62,6 +62,10 @@ class AttackConfig:
     n_reference: int
     trigger_size: int
     trigger_margin: int
+    trigger_position: str   # bottom_right | bottom_left | top_right | top_left | centre | random | full
+    trigger_pattern: str    # white | colour | noise
+    trigger_colour: str     # the colour of pattern 'colour' (mimic.triggers.COLOURS)
+    trigger_alpha: float    # mask value inside the trigger (1 = patch; < 1 with position 'full' = blended)
     shadow_size: int
     epochs: int
     batch_size: int
@@ -72,6 +76,12 @@ class AttackConfig:
     def __post_init__(self) -> None:
         _check(self.n_reference >= 1, "attack.n_reference must be >= 1")
         _check(1 <= self.trigger_size <= 32, "attack.trigger_size must be in 1..32")
+        from mimic.triggers import COLOURS, PATTERNS, POSITIONS
+
+        _check(self.trigger_position in POSITIONS, f"attack.trigger_position must be one of {', '.join(POSITIONS)}")
+        _check(self.trigger_pattern in PATTERNS, f"attack.trigger_pattern must be one of {', '.join(PATTERNS)}")
+        _check(self.trigger_colour in COLOURS, f"attack.trigger_colour must be one of {', '.join(COLOURS)}")
+        _check(0 < self.trigger_alpha <= 1, "attack.trigger_alpha must be in (0, 1]")
 
 
 @dataclass(frozen=True)

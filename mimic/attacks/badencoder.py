@@ -76,7 +76,7 @@ def badencoder(
             flip = torch.rand(len(idx), generator=g) < 0.5
             x = torch.where(flip.to(device).view(-1, 1, 1, 1), x.flip(-1), x)
             with autocast(device, amp_dtype):
-                f = model(torch.cat([x, trigger.stamp(x), ref]))
+                f = model(torch.cat([x, trigger.stamp(x, g), ref]))
                 n = len(idx)
                 f_x, f_t, f_r = f[:n], f[n : 2 * n], f[2 * n :]
                 loss, parts = badencoder_loss(

@@ -121,7 +121,7 @@ def cmd_teacher(args: argparse.Namespace) -> dict:
         from mimic.store import fetch
 
         t = admit_teacher(fetch(src, Path(args.cache) / "fetched"), cfg.limits)
-        extras = {k: v for k, v in t.loaded.extras.items() if k in ("trigger_patch", "trigger_mask", "target_class")}
+        extras = {k: v for k, v in t.loaded.extras.items() if k in ("trigger_patch", "trigger_mask", "trigger_placement", "target_class")}
         save_encoder(out, t.loaded.encoder, meta={"stage": "teacher", "source": src, "layout": t.loaded.layout},
                      extras=extras)
         fp = t.fingerprint

@@ -12,7 +12,7 @@ from mimic.data import Dataset, stratified_indices
 from mimic.errors import DataError
 from mimic.fingerprint import fingerprint_encoder
 from mimic.stages.common import Runtime, StagePlan, training_dir
-from mimic.triggers import white_patch
+from mimic.triggers import make_trigger
 
 
 def plan_attack(cfg: Config, clean: LoadedEncoder, ds: Dataset, *, progress: bool = True) -> StagePlan:
@@ -26,7 +26,8 @@ def plan_attack(cfg: Config, clean: LoadedEncoder, ds: Dataset, *, progress: boo
     inputs = {"clean": clean_fp, "data": ds.version}
 
     def compute(slot: Slot, cache: StageCache) -> dict:
-        trigger = white_patch(a.trigger_size, a.trigger_margin, ds.train.x.shape[-1])
+        trigger = make_trigger(a.trigger_size, a.trigger_margin, a.trigger_position, a.trigger_pattern, a.trigger_colour,
+                               a.trigger_alpha, ds.train.x.shape[-1], cfg.seed)
         target_idx = torch.nonzero(ds.train.y == a.target_class).flatten()
         if len(target_idx) < a.n_reference:
             raise DataError(f"only {len(target_idx)} images of the target class; need {a.n_reference} references")
