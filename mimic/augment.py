@@ -132,3 +132,10 @@ def simclr_augment(x: Tensor, g: torch.Generator, crop_min_scale: float = 0.08) 
     x = random_resized_crop(x, g, size=x.shape[-1], scale=(crop_min_scale, 1.0))
     x = color_jitter(x, g)
     return random_grayscale(x, g)
+
+
+def random_flip(x: Tensor, g: torch.Generator) -> Tensor:
+    """Each image flipped horizontally with probability 1/2 (the only augmentation of BadEncoder's
+    fine-tuning, and of the attacks and defences that fine-tune an encoder)."""
+    flip = torch.rand(len(x), generator=g) < 0.5
+    return torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)

@@ -18,7 +18,9 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from mimic.attacks.config import AdaptiveConfig, DrupeConfig
 from mimic.checkpoints.limits import Limits
+from mimic.defenses.config import PruneConfig, UnlearnConfig
 from mimic.errors import ConfigError
 
 
@@ -95,11 +97,15 @@ class MIConfig:
     pool: int
     base: float
     scale: float
+    mapping: str            # share (the paper: I_l / sum I) | softmax (softmax of I_l / temperature: sharper)
+    temperature: float      # nats; the softmax mapping's temperature
 
     def __post_init__(self) -> None:
         _check(self.estimator in ("dv", "infonce"), f"mi.estimator must be dv or infonce, got {self.estimator!r}")
         _check(self.network in ("teacher", "student"), f"mi.network must be teacher or student, got {self.network!r}")
         _check(self.pool >= 1, "mi.pool must be >= 1")
+        _check(self.mapping in ("share", "softmax"), f"mi.mapping must be share or softmax, got {self.mapping!r}")
+        _check(self.temperature > 0, "mi.temperature must be > 0")
 
 
 @dataclass(frozen=True)
@@ -185,9 +191,13 @@ class Config:
     encoder: EncoderConfig
     pretrain: PretrainConfig
     attack: AttackConfig
+    drupe: DrupeConfig
+    adaptive: AdaptiveConfig
     mi: MIConfig
     distill: DistillConfig
     evaluate: EvaluateConfig
+    unlearn: UnlearnConfig
+    prune: PruneConfig
     teacher: TeacherConfig
     gate: GateConfig
     timeouts: TimeoutsConfig
@@ -196,7 +206,7 @@ class Config:
 
     def __post_init__(self) -> None:
         _check(self.precision in ("auto", "fp32", "bf16"), f"precision must be auto, fp32 or bf16, got {self.precision!r}")
-        for stage in (self.pretrain, self.attack, self.mi, self.distill, self.evaluate):
+        for stage in (self.pretrain, self.attack, self.mi, self.distill, self.evaluate, self.unlearn, self.prune):
             for name in ("epochs", "batch_size"):
                 _check(getattr(stage, name) >= 1, f"{type(stage).__name__}.{name} must be >= 1")
 
@@ -218,9 +228,13 @@ _SECTIONS = {
     "encoder": EncoderConfig,
     "pretrain": PretrainConfig,
     "attack": AttackConfig,
+    "drupe": DrupeConfig,
+    "adaptive": AdaptiveConfig,
     "mi": MIConfig,
     "distill": DistillConfig,
     "evaluate": EvaluateConfig,
+    "unlearn": UnlearnConfig,
+    "prune": PruneConfig,
     "teacher": TeacherConfig,
     "gate": GateConfig,
     "timeouts": TimeoutsConfig,

@@ -174,6 +174,11 @@ def labelled_train(cfg: Config, ds: Dataset) -> ImageSet:
     return ds.train.subset(stratified_indices(len(ds.train), ds.train.y, size, cfg.seed + 1))
 
 
+def trigger_identity(t: Trigger) -> str:
+    """Content hash of a trigger: its pattern, mask and placement."""
+    return content_hash(t.patch, t.mask) if t.placement == "fixed" else content_hash(t.patch, t.mask, torch.ones(1))
+
+
 @dataclass(frozen=True)
 class Attack:
     """The trigger and target class used to measure ASR, and where they came from."""
@@ -190,8 +195,7 @@ class Attack:
     def trigger_id(self) -> str | None:
         if self.trigger is None or not self.known:
             return None
-        t = self.trigger
-        return content_hash(t.patch, t.mask) if t.placement == "fixed" else content_hash(t.patch, t.mask, torch.ones(1))
+        return trigger_identity(self.trigger)
 
     def identity(self) -> dict[str, Any]:
         return {"trigger_id": self.trigger_id, "target": self.target if self.known else None}
