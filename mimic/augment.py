@@ -184,3 +184,10 @@ def apply_view(x: Tensor, draw: ViewDraw) -> Tensor:
 def simclr_augment(x: Tensor, g: torch.Generator, crop_min_scale: float = 0.08) -> Tensor:
     """One SimCLR view of a batch of [0, 1] images (N, 3, H, W)."""
     return apply_view(x, draw_view(x.shape[0], g, crop_min_scale))
+
+
+def random_flip(x: Tensor, g: torch.Generator) -> Tensor:
+    """Each image flipped horizontally with probability 1/2 (the only augmentation of BadEncoder's
+    fine-tuning, and of the attacks and defences that fine-tune an encoder)."""
+    flip = torch.rand(len(x), generator=g) < 0.5
+    return torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)

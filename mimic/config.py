@@ -18,7 +18,9 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from mimic.attacks.config import AdaptiveConfig, DrupeConfig
 from mimic.checkpoints.limits import Limits
+from mimic.defenses.config import PruneConfig, UnlearnConfig
 from mimic.errors import ConfigError
 
 
@@ -62,6 +64,10 @@ class AttackConfig:
     n_reference: int
     trigger_size: int
     trigger_margin: int
+    trigger_position: str   # bottom_right | bottom_left | top_right | top_left | centre | random | full
+    trigger_pattern: str    # white | colour | noise
+    trigger_colour: str     # the colour of pattern 'colour' (mimic.triggers.COLOURS)
+    trigger_alpha: float    # mask value inside the trigger (1 = patch; < 1 with position 'full' = blended)
     shadow_size: int
     epochs: int
     batch_size: int
@@ -72,6 +78,12 @@ class AttackConfig:
     def __post_init__(self) -> None:
         _check(self.n_reference >= 1, "attack.n_reference must be >= 1")
         _check(1 <= self.trigger_size <= 32, "attack.trigger_size must be in 1..32")
+        from mimic.triggers import COLOURS, PATTERNS, POSITIONS
+
+        _check(self.trigger_position in POSITIONS, f"attack.trigger_position must be one of {', '.join(POSITIONS)}")
+        _check(self.trigger_pattern in PATTERNS, f"attack.trigger_pattern must be one of {', '.join(PATTERNS)}")
+        _check(self.trigger_colour in COLOURS, f"attack.trigger_colour must be one of {', '.join(COLOURS)}")
+        _check(0 < self.trigger_alpha <= 1, "attack.trigger_alpha must be in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -85,11 +97,15 @@ class MIConfig:
     pool: int
     base: float
     scale: float
+    mapping: str            # share (the paper: I_l / sum I) | softmax (softmax of I_l / temperature: sharper)
+    temperature: float      # nats; the softmax mapping's temperature
 
     def __post_init__(self) -> None:
         _check(self.estimator in ("dv", "infonce"), f"mi.estimator must be dv or infonce, got {self.estimator!r}")
         _check(self.network in ("teacher", "student"), f"mi.network must be teacher or student, got {self.network!r}")
         _check(self.pool >= 1, "mi.pool must be >= 1")
+        _check(self.mapping in ("share", "softmax"), f"mi.mapping must be share or softmax, got {self.mapping!r}")
+        _check(self.temperature > 0, "mi.temperature must be > 0")
 
 
 @dataclass(frozen=True)
@@ -186,9 +202,13 @@ class Config:
     encoder: EncoderConfig
     pretrain: PretrainConfig
     attack: AttackConfig
+    drupe: DrupeConfig
+    adaptive: AdaptiveConfig
     mi: MIConfig
     distill: DistillConfig
     evaluate: EvaluateConfig
+    unlearn: UnlearnConfig
+    prune: PruneConfig
     teacher: TeacherConfig
     gate: GateConfig
     timeouts: TimeoutsConfig
@@ -197,7 +217,7 @@ class Config:
 
     def __post_init__(self) -> None:
         _check(self.precision in ("auto", "fp32", "bf16"), f"precision must be auto, fp32 or bf16, got {self.precision!r}")
-        for stage in (self.pretrain, self.attack, self.mi, self.distill, self.evaluate):
+        for stage in (self.pretrain, self.attack, self.mi, self.distill, self.evaluate, self.unlearn, self.prune):
             for name in ("epochs", "batch_size"):
                 _check(getattr(stage, name) >= 1, f"{type(stage).__name__}.{name} must be >= 1")
 
@@ -219,9 +239,13 @@ _SECTIONS = {
     "encoder": EncoderConfig,
     "pretrain": PretrainConfig,
     "attack": AttackConfig,
+    "drupe": DrupeConfig,
+    "adaptive": AdaptiveConfig,
     "mi": MIConfig,
     "distill": DistillConfig,
     "evaluate": EvaluateConfig,
+    "unlearn": UnlearnConfig,
+    "prune": PruneConfig,
     "teacher": TeacherConfig,
     "gate": GateConfig,
     "timeouts": TimeoutsConfig,

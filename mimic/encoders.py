@@ -261,6 +261,14 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+def bn_eval(module: nn.Module) -> None:
+    """Put a BatchNorm layer in eval mode (``model.apply(bn_eval)``): fine-tuning on a small or
+    partly triggered set (the attacks, unlearning, fine-pruning) keeps the running statistics of the
+    encoder's pre-training, as BadEncoder's code does."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        module.eval()
+
+
 @contextmanager
 def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     """Temporarily put ``model`` in eval mode (restoring its previous mode) under no_grad."""

@@ -62,9 +62,13 @@ STAGES: dict[str, StageDef] = {
     for s in (
         StageDef("pretrain", ("mimic.stages.pretrain",), ("seed", "encoder", "pretrain"), ("pretrain.epochs",)),
         StageDef("attack", ("mimic.stages.attack",), ("seed", "attack"), ("attack.epochs",)),
+        StageDef("drupe", ("mimic.stages.drupe",), ("seed", "attack", "drupe"), ("attack.epochs",)),
+        StageDef("adaptive", ("mimic.stages.adaptive",), ("seed", "attack", "adaptive"), ("attack.epochs",)),
         StageDef("mi", ("mimic.stages.mi",), ("seed", "mi")),
         StageDef("distill", ("mimic.stages.distill",), ("seed", "distill"), ("distill.epochs",)),
         StageDef("evaluate", ("mimic.stages.evaluate",), ("seed", "evaluate")),
+        StageDef("unlearn", ("mimic.stages.unlearn",), ("seed", "unlearn"), ("unlearn.epochs",)),
+        StageDef("prune", ("mimic.stages.prune",), ("seed", "prune"), ("prune.epochs",)),
     )
 }
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mimic.checkpoints import LoadedEncoder, Limits, load_encoder
 from mimic.config import Config
 from mimic.data import Dataset, ImageSet, content_hash, load_dataset, stratified_indices
@@ -172,6 +174,11 @@ def labelled_train(cfg: Config, ds: Dataset) -> ImageSet:
     return ds.train.subset(stratified_indices(len(ds.train), ds.train.y, size, cfg.seed + 1))
 
 
+def trigger_identity(t: Trigger) -> str:
+    """Content hash of a trigger: its pattern, mask and placement."""
+    return content_hash(t.patch, t.mask) if t.placement == "fixed" else content_hash(t.patch, t.mask, torch.ones(1))
+
+
 @dataclass(frozen=True)
 class Attack:
     """The trigger and target class used to measure ASR, and where they came from."""
@@ -186,7 +193,9 @@ class Attack:
 
     @property
     def trigger_id(self) -> str | None:
-        return content_hash(self.trigger.patch, self.trigger.mask) if self.trigger is not None and self.known else None
+        if self.trigger is None or not self.known:
+            return None
+        return trigger_identity(self.trigger)
 
     def identity(self) -> dict[str, Any]:
         return {"trigger_id": self.trigger_id, "target": self.target if self.known else None}

@@ -7,7 +7,9 @@ I_l = MI(h_l(x), z(x)) over the clean set, estimated with the Donsker-Varadhan l
 (x' a shuffled partner), or with InfoNCE. Unlike the authors' code, the network runs over the
 data once: every stage's (pooled) features and z are cached, and all critics train from that
 cache together. Negative or NaN estimates count as 0; the MIMIC weights are
-beta_l = base + scale * I_l / sum_k I_k, falling back to uniform weights when every I_l is 0.
+beta_l = base + scale * I_l / sum_k I_k (``mi.mapping: share``, the paper's) or with a sharper
+softmax share (``mi.mapping: softmax``, :func:`mi_weights`), falling back to uniform weights when
+every I_l is 0.
 """
 
 from __future__ import annotations
@@ -155,13 +157,30 @@ def estimate_mi(
     return out
 
 
-def mi_weights(mi: list[float] | tuple[float, ...], base: float = 1000.0, scale: float = 10000.0) -> list[float]:
-    """beta_l = base + scale * I_l / sum_k I_k; negative/NaN I count as 0; uniform if all are 0."""
+def mi_weights(mi: list[float] | tuple[float, ...], base: float = 1000.0, scale: float = 10000.0,
+               mapping: str = "share", temperature: float = 1.0) -> list[float]:
+    """beta_l = base + scale * s_l, with the stage shares s_l (summing to 1) from the MI estimates:
+
+    * ``share`` (the paper): s_l = I_l / sum_k I_k;
+    * ``softmax``: s_l = exp(I_l / T) / sum_k exp(I_k / T) with a temperature T in nats. MI
+      estimates of different stages are close (within ~1 nat), so ``share`` leaves the weights
+      within ~15% of uniform; a small T makes the stage with the most MI dominate (T -> inf:
+      uniform, T -> 0: all of ``scale`` on the top stage).
+
+    Both spend the same total, L * base + scale. Negative/NaN I count as 0; every I_l = 0 gives
+    uniform weights.
+    """
     clean = [v if (v is not None and math.isfinite(v) and v > 0) else 0.0 for v in mi]
     total = sum(clean)
     if total <= 0:
         return [base + scale / len(clean)] * len(clean)
-    return [base + scale * v / total for v in clean]
+    if mapping == "share":
+        shares = [v / total for v in clean]
+    elif mapping == "softmax":
+        shares = torch.softmax(torch.tensor(clean, dtype=torch.float64) / temperature, dim=0).tolist()
+    else:
+        raise ValueError(f"unknown MI mapping {mapping!r}")
+    return [base + scale * s for s in shares]
 
 
 def uniform_weights(n: int, base: float = 1000.0, scale: float = 10000.0) -> list[float]:
@@ -180,6 +199,8 @@ def analyse(
     pool: int = 2,
     base: float = 1000.0,
     scale: float = 10000.0,
+    mapping: str = "share",
+    temperature: float = 1.0,
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> MIResult:
@@ -187,7 +208,7 @@ def analyse(
     feats = extract_stage_features(encoder, images, pool=pool, device=device)
     raw = estimate_mi(feats.h, feats.z, estimator=estimator, epochs=epochs, batch_size=batch_size, lr=lr, hidden=hidden, seed=seed)
     mi = tuple(v if math.isfinite(v) and v > 0 else 0.0 for v in raw)
-    return MIResult(feats.stages, mi, tuple(raw), tuple(mi_weights(mi, base, scale)), estimator)
+    return MIResult(feats.stages, mi, tuple(raw), tuple(mi_weights(mi, base, scale, mapping, temperature)), estimator)
 
 
 def plot_mi(result: MIResult, path: str) -> None:

@@ -171,3 +171,90 @@ def tiny_teachers(tmp_path_factory) -> dict[str, Path]:
     copy_file(pre.path("encoder"), root / "clean.pt")
     copy_file(att.path("encoder"), root / "teacher.pt")
     return {"clean": root / "clean.pt", "teacher": root / "teacher.pt"}
+
+
+# --- the attack zoo's small bench: fast, and it really implants a backdoor -------------------
+# The `tiny` profile learns almost nothing (probe CA at chance, a 1-epoch attack fails), so the
+# attack and defence tests share this instead: 4 synthetic texture classes (400 train / 200 test
+# images), a width-4 encoder with 6 epochs of SimCLR (linear-probe CA ~70 %, clean ASR ~10 %), and
+# 5-epoch attacks on 200 shadow images (BadEncoder: teacher ASR ~90 %).
+
+ZOO_SETS = (
+    "encoder.width=4", "pretrain.epochs=6", "pretrain.lr=0.01", "pretrain.batch_size=64",
+    "attack.epochs=5", "attack.batch_size=32", "attack.shadow_size=200", "attack.target_class=0",
+    "data.clean_size=160", "evaluate.epochs=30", "evaluate.probe=linear", "evaluate.zscore=false",
+    "unlearn.epochs=3", "unlearn.batch_size=32", "prune.epochs=2", "prune.batch_size=32",
+    "adaptive.student_warmup_epochs=1",
+)
+
+
+class ZooBench:
+    """The shared bench: config, 4-class dataset, clean encoder, a stage cache, and a probe."""
+
+    def __init__(self, root: Path) -> None:
+        from mimic.cache import StageCache
+        from mimic.data import Dataset, content_hash
+        from mimic.inputs import load_teacher
+        from mimic.stages.pretrain import plan_pretrain
+        from mimic.synthetic import make_synthetic
+
+        def images(n: int, seed: int) -> ImageSet:
+            x, y = make_synthetic(n, seed, 4)
+            return ImageSet(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y))
+
+        train, test = images(400, 0), images(200, 1)
+        self.ds = Dataset("synthetic-4", train, test, 4, content_hash(train.x, train.y, test.x, test.y))
+        self.cfg = load_config(profile="tiny", sets=list(ZOO_SETS))
+        self.cache = StageCache(root / "cache")
+        self.root = root
+        pre = plan_pretrain(self.cfg, self.ds, progress=False).run(self.cache)
+        self.clean_path = pre.path("encoder")
+        self.clean = load_teacher(self.clean_path)
+        self._probed: dict = {}
+
+    def config(self, *sets: str):
+        return load_config(profile="tiny", sets=[*ZOO_SETS, *sets])
+
+    def clean_set(self, cfg=None):
+        """The defender's clean set D and its content hash."""
+        from mimic.inputs import clean_subset, clean_version
+
+        d = clean_subset(cfg or self.cfg, self.ds)
+        return d, clean_version(d)
+
+    def probe(self, encoder, trigger, target: int = 0) -> tuple[float, float]:
+        """(CA, ASR) % of a linear probe (30 epochs) on the encoder's features (memoised)."""
+        from mimic.evaluate import evaluate_encoder
+        from mimic.fingerprint import fingerprint_encoder
+        from mimic.inputs import trigger_identity
+
+        key = (fingerprint_encoder(encoder), trigger_identity(trigger), target)
+        if key not in self._probed:
+            r = evaluate_encoder(encoder, self.ds.train, self.ds.test, 4, trigger=trigger, target=target, epochs=30)[0]
+            self._probed[key] = (r.ca, r.asr)
+        return self._probed[key]
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory) -> ZooBench:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return ZooBench(tmp_path_factory.mktemp("zoo"))
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def zoo_teacher(zoo):
+    """A BadEncoder teacher of the bench (the white 10x10 patch, target 0) and its stage run."""
+    from mimic.inputs import load_teacher
+    from mimic.stages.attack import plan_attack
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run = plan_attack(zoo.cfg, zoo.clean, zoo.ds, progress=False).run(zoo.cache)
+    finally:
+        torch.set_num_threads(before)
+    return load_teacher(run.path("encoder")), run

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from mimic.encoders import count_hooks
@@ -50,6 +51,30 @@ def test_mi_weights_formula_and_fallback():
     assert w == [1000 + 2500, 1000 + 7500, 1000, 1000]
     assert mi_weights([-0.2, 0.0, float("nan"), 0.0]) == uniform_weights(4) == [3500.0] * 4
     assert all(math.isfinite(v) for v in mi_weights([0.0, 0.0]))
+
+
+def test_softmax_mapping_is_sharper_with_the_same_total():
+    mi = [4.01, 3.82, 4.14, 4.65]  # the CIFAR-10 teacher's estimates (docs/cifar10.md)
+    share = mi_weights(mi)
+    sharp = mi_weights(mi, mapping="softmax", temperature=0.25)
+    assert sum(sharp) == pytest.approx(sum(share)) == pytest.approx(4 * 1000 + 10000)
+    assert max(share) / min(share) < 1.2 < 5 < max(sharp) / min(sharp)
+    assert sharp.index(max(sharp)) == 3 and min(sharp) >= 1000  # the top-MI stage dominates; none is dropped
+    assert mi_weights(mi, mapping="softmax", temperature=1e6) == pytest.approx(uniform_weights(4))
+    assert mi_weights([0.0, 0.0], mapping="softmax") == uniform_weights(2)
+    with pytest.raises(ValueError, match="unknown MI mapping"):
+        mi_weights(mi, mapping="cubic")
+
+
+def test_mapping_is_a_validated_mi_param():
+    from mimic.config import load_config
+    from mimic.errors import ConfigError
+
+    assert load_config().mi.mapping == "share"  # the paper's stays the default (docs/results.md: the matrix decides)
+    with pytest.raises(ConfigError, match="mi.mapping"):
+        load_config(sets=["mi.mapping=cubic"])
+    with pytest.raises(ConfigError, match="mi.temperature"):
+        load_config(sets=["mi.temperature=0"])
 
 
 def test_stage_features_one_pass_and_hooks_removed(tiny_encoder, tiny_images):

@@ -8,6 +8,7 @@ value is a one-line refusal of that file and never a ValueError/AttributeError d
 * ``target_class``: an integer (or a one-element integer tensor) in ``[0, 100000)``;
 * ``trigger_patch`` [3, H, W] and ``trigger_mask`` [1, H, W]: dense float tensors with values in
   [0, 1] (the mask may also be bool), the same H and W (at most 4096), always both or neither;
+* ``trigger_placement``: ``"fixed"`` or ``"random"`` (the trigger moves to a random place per image);
 * ``reference_images`` [N, 3, H, W]: uint8, or float in [0, 1];
 * ``meta``: plain data only (no tensors), bounded depth, no cycles.
 """
@@ -115,6 +116,8 @@ def validate_extras(extras: Mapping[str, Any]) -> dict[str, Any]:
         _unit_range(patch, "trigger_patch")
         if mask.dtype != torch.bool:
             _unit_range(mask, "trigger_mask")
+    if "trigger_placement" in out and out["trigger_placement"] not in ("fixed", "random"):
+        raise ValueError("extras['trigger_placement'] must be 'fixed' or 'random'")
     if "reference_images" in out:
         ref = _image_tensor(out["reference_images"], "reference_images", 3, lead=True)
         if ref.dtype != torch.uint8:

@@ -121,7 +121,7 @@ def cmd_teacher(args: argparse.Namespace) -> dict:
         from mimic.store import fetch
 
         t = admit_teacher(fetch(src, Path(args.cache) / "fetched"), cfg.limits)
-        extras = {k: v for k, v in t.loaded.extras.items() if k in ("trigger_patch", "trigger_mask", "target_class")}
+        extras = {k: v for k, v in t.loaded.extras.items() if k in ("trigger_patch", "trigger_mask", "trigger_placement", "target_class")}
         save_encoder(out, t.loaded.encoder, meta={"stage": "teacher", "source": src, "layout": t.loaded.layout},
                      extras=extras)
         fp = t.fingerprint
@@ -139,20 +139,6 @@ def cmd_pretrain(args: argparse.Namespace) -> dict:
     run = plan_pretrain(cfg, load_data(cfg), init=init, clean=args.clean_subset, progress=not args.quiet).run(cache_of(args))
     copy_file(run.path("encoder"), args.out)
     say(args, f"{'fine-tuned' if init else 'clean'} encoder: {args.out} ({run.manifest['fingerprint'][:12]})")
-    return {"path": args.out, **_summary(run)}
-
-
-def cmd_attack(args: argparse.Namespace) -> dict:
-    from mimic.inputs import load_data, load_teacher
-    from mimic.io import copy_file
-    from mimic.stages.attack import plan_attack
-
-    cfg = config(args)
-    run = plan_attack(cfg, load_teacher(args.clean), load_data(cfg), progress=not args.quiet).run(cache_of(args))
-    copy_file(run.path("encoder"), args.out)
-    if args.trigger_out:
-        copy_file(run.path("trigger"), args.trigger_out)
-    say(args, f"backdoored encoder: {args.out} ({run.manifest['fingerprint'][:12]}), target class {cfg.attack.target_class}")
     return {"path": args.out, **_summary(run)}
 
 
@@ -271,12 +257,17 @@ def cmd_results(args: argparse.Namespace) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def register(sub: Any) -> None:
-    data_help = "dataset: synthetic, PATH.npz, an image folder, torchvision:NAME:ROOT"
+DATA_HELP = "dataset: synthetic, PATH.npz, an image folder, torchvision:NAME:ROOT"
 
-    def cache_arg(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--cache", default="runs/cache", metavar="DIR",
-                       help="the stage cache: ROOT/<stage>/<key>/ (default: runs/cache)")
+
+def cache_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache", default="runs/cache", metavar="DIR", help="the stage cache: ROOT/<stage>/<key>/ (default: runs/cache)")
+
+
+def register(sub: Any) -> None:
+    from mimic.cli import zoo
+
+    data_help = DATA_HELP
 
     p = add_command(sub, "demo", cmd_demo, help="clean encoder -> BadEncoder teacher -> MIMIC student, with a CA/ASR table")
     p.add_argument("--data", metavar="SRC", help="dataset (default: the built-in synthetic set); a real dataset "
@@ -303,15 +294,7 @@ def register(sub: Any) -> None:
     cache_arg(p)
     common(p)
 
-    p = add_command(sub, "attack", cmd_attack, help="make a backdoored encoder (for tests and demos)")
-    asub = p.add_subparsers(dest="attack", required=True, metavar="ATTACK")
-    b = asub.add_parser("badencoder", help="BadEncoder: trigger -> reference alignment")
-    b.add_argument("--clean", required=True, metavar="PATH", help="the clean encoder to backdoor")
-    b.add_argument("--data", metavar="SRC", help=data_help)
-    b.add_argument("--out", required=True, metavar="PATH", help="where to write the backdoored encoder")
-    b.add_argument("--trigger-out", metavar="NPZ", help="also write the trigger in BadEncoder's NPZ layout")
-    cache_arg(b)
-    common(b)
+    zoo.register(sub)
 
     p = add_command(sub, "fingerprint", cmd_fingerprint, help="content fingerprint of an encoder checkpoint")
     p.add_argument("path", metavar="PATH")

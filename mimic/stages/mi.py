@@ -22,10 +22,12 @@ def plan_mi(cfg: Config, teacher: LoadedEncoder, teacher_fp: str, clean: ImageSe
         net = net.to(rt.device)
         try:
             result = analyse(net, clean, estimator=m.estimator, epochs=m.epochs, batch_size=m.batch_size, lr=m.lr,
-                             hidden=m.hidden, pool=m.pool, base=m.base, scale=m.scale, seed=cfg.seed, device=rt.device)
+                             hidden=m.hidden, pool=m.pool, base=m.base, scale=m.scale, mapping=m.mapping,
+                             temperature=m.temperature, seed=cfg.seed, device=rt.device)
         finally:
             net.cpu()
-        info = {"network": m.network, **result.to_dict()}
+        info = {"network": m.network, "mapping": m.mapping, **({"temperature": m.temperature} if m.mapping == "softmax" else {}),
+                **result.to_dict()}
         write_json(slot.file("mi.json"), {"key": slot.key, **info})
         write_json(slot.file("mi_stages.json"),
                    {"stages": [{"stage": s, "mi": info["mi"][s], "weight": info["weights"][s]} for s in info["stages"]]})

@@ -1,6 +1,6 @@
 """The facts of the CIFAR-10 scenario, read from the files its DVC stages wrote.
 
-Every value that ``docs/results.md`` shows comes from here: ``metrics/*.json`` (CA/ASR per probe),
+Every value that ``docs/cifar10.md`` shows comes from here: ``metrics/*.json`` (CA/ASR per probe),
 ``records/*.json`` (stage records: seconds, environment, fingerprints), ``mi/*/mi.json``,
 ``params.yaml`` and ``dvc.lock`` (the commands as they ran). Nothing is typed by hand; the prose
 lives in ``results.md.j2``.

@@ -1,6 +1,6 @@
-"""CIFAR-10 reference scenario: write docs/results.md from the metrics, and check a rerun.
+"""CIFAR-10 reference scenario: write docs/cifar10.md from the metrics, and check a rerun.
 
-    python report.py write --out ../../docs/results.md --img ../../docs/img/cifar10
+    python report.py write --out ../../docs/cifar10.md --img ../../docs/img/cifar10
     python report.py compare --rev HEAD --tol 1 --json compare.json   # a rerun vs the committed numbers
 
 ``write`` renders ``results.md.j2`` with the facts that ``facts.py`` reads from the files the DVC
@@ -155,15 +155,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    w = sub.add_parser("write", help="render docs/results.md from the metrics")
-    w.add_argument("--out", default=str(HERE.parent.parent / "docs" / "results.md"))
+    w = sub.add_parser("write", help="render docs/cifar10.md from the metrics")
+    w.add_argument("--out", default=str(HERE.parent.parent / "docs" / "cifar10.md"))
     w.add_argument("--img", default=str(HERE.parent.parent / "docs" / "img" / "cifar10"))
     c = sub.add_parser("compare", help="compare the metrics in the working tree (a rerun) with those at a git revision")
     c.add_argument("--rev", default="HEAD", help="the revision holding the reference numbers (default HEAD)")
     c.add_argument("--tol", type=float, default=1.0, help="largest allowed |difference| in points (default 1)")
     c.add_argument("--dir", default=str(HERE), help="the scenario folder (default: this script's)")
     c.add_argument("--json", help="also write the comparison here")
-    c.add_argument("--note", help="a sentence recorded with the comparison (shown in docs/results.md)")
+    c.add_argument("--note", help="a sentence recorded with the comparison (shown in docs/cifar10.md)")
     args = ap.parse_args(argv)
     return cmd_compare(args) if args.cmd == "compare" else cmd_write(args)
 
