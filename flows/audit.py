@@ -1,7 +1,7 @@
 """The audit flow: one teacher (path or ``s3://`` URI) in, a sanitized (or rejected) student out.
 
-    fetch teacher -> mimic.audit.run_audit (mi -> distill -> evaluate, each a task cached on its
-    stage key) -> results.json -> store the student -> MLflow run -> registry version + gate
+    fetch teacher -> mimic.audit.run_audit (scan -> mi -> distill -> scan -> evaluate, each a task
+    cached on its stage key) -> results.json -> store the student -> MLflow run -> registry version + gate
 
 Runs in Prefect's local mode with no server configured, or against ``PREFECT_API_URL``.
 """
@@ -17,6 +17,7 @@ from mimic.audit import AuditRequest, prepare, run_audit
 from mimic.cache import StageCache
 from mimic.config import config_from_dict
 from mimic.io import write_json
+from mimic.results import scan_tags
 from tasks.data import version_data
 from tasks.stages import prefect_runner
 from tasks.storage import store_student_task
@@ -60,7 +61,8 @@ def audit_flow(
     write_json(results_path, results)  # local results are safe before any network step
 
     fp, akey = results["teacher"]["fingerprint"], results["audit_key"]
-    meta = {k: results[k] for k in ("teacher_ca", "teacher_asr", "student_ca", "student_asr", "verdict", "audit_key")}
+    meta = {k: results[k] for k in ("teacher_ca", "teacher_asr", "student_ca", "student_asr", "teacher_pl1", "student_pl1",
+                                    "verdict", "audit_key")}
     meta.update({"student_fingerprint": results["student"]["fingerprint"], "teacher_uri": teacher, "data_version": data_version})
     t = time.perf_counter()
     results["store"] = store_student_task(results["student"]["file"], fp, meta, store, akey, network_retries)
@@ -69,11 +71,13 @@ def audit_flow(
 
     if track:
         t = time.perf_counter()
-        artifacts = [str(out_dir / n) for n in ("mi.png", "mi.json", "losses.png", "losses.json", "results.json")]
+        artifacts = [str(out_dir / n) for n in ("mi.png", "mi.json", "losses.png", "losses.json", "results.json",
+                                                "trigger.png", "trigger.npz", "student-trigger.png")]
         run = log_audit.with_options(**retries)(str(results_path), akey, artifacts, str(out_dir / "losses.json"),
                                                 results["student"]["file"])
         tags = {"teacher_fingerprint": fp, "teacher_uri": teacher, "data_version": data_version,
-                "verdict": results["verdict"]["verdict"], "verdict_reason": results["verdict"]["reason"], "audit_key": akey}
+                "verdict": results["verdict"]["verdict"], "verdict_reason": results["verdict"]["reason"], "audit_key": akey,
+                **scan_tags(results)}
         reg = register_and_gate.with_options(**retries)(run["run_id"], run["model_uri"], tags, results["verdict"]["passed"],
                                                         cfg.gate.model_name, cfg.gate.alias)
         results["mlflow"] = {**run, "registry": reg}

@@ -2,7 +2,10 @@
 
 ``results.json`` is versioned (``schema``) and described by ``docs/results.schema.json``. Accuracies
 are percentages; the ``teacher_*``/``student_*`` shortcuts are the primary probe's numbers, every
-probe's are under ``probes``. The environment is stamped here, once, for every command.
+probe's are under ``probes``; ``scan`` holds the trigger-inversion evidence of teacher and student
+(``teacher_pl1``/``student_pl1`` the shortcuts) and ``asr_trigger`` which trigger each ASR used
+(``given``, ``teacher``: stored in the teacher file, ``inverted``: the teacher scan's). The
+environment is stamped here, once, for every command.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-SCHEMA = "mimic.results/1"
+SCHEMA = "mimic.results/2"  # 2: scan evidence (scan, teacher_pl1, student_pl1, asr_trigger)
 
 
 def git_revision() -> str | None:
@@ -61,10 +64,25 @@ def stage_record(run: Any) -> dict[str, Any]:
     return {"key": run.key, "cached": bool(run.cached), "seconds": round(run.seconds, 2)}
 
 
+def scan_tags(results: Mapping[str, Any]) -> dict[str, str]:
+    """Registry / MLflow tags of the scan evidence: ``scan_verdict`` (the student's: the registered
+    model is the student), ``teacher_scan_verdict``, ``teacher_pl1``, ``student_pl1``."""
+    scan = results.get("scan") or {}
+    tags = {}
+    if "student" in scan:
+        tags["scan_verdict"] = str(scan["student"]["verdict"])
+    if "teacher" in scan:
+        tags["teacher_scan_verdict"] = str(scan["teacher"]["verdict"])
+    for who in ("teacher", "student"):
+        if results.get(f"{who}_pl1") is not None:
+            tags[f"{who}_pl1"] = f"{results[f'{who}_pl1']:.4f}"
+    return tags
+
+
 def build_results(
     cfg: Any, *, kind: str, teacher: Mapping[str, Any], data: Mapping[str, Any], mi: Mapping[str, Any],
     weights: list[float], student: Mapping[str, Any], evaluations: Mapping[str, Mapping], attack: Any, stages: Mapping[str, Mapping],
-    seconds: float, audit_key: str, out: str | None = None,
+    seconds: float, audit_key: str, out: str | None = None, scan: Mapping[str, Mapping] | None = None,
 ) -> dict[str, Any]:
     """Assemble ``results.json`` (see the module docstring) and the gate's verdict."""
     from mimic.gate import judge
@@ -79,6 +97,8 @@ def build_results(
         "teacher_asr": _pick(t, probe, "asr"),
         "student_ca": _pick(s, probe, "ca"),
         "student_asr": _pick(s, probe, "asr"),
+        "teacher_pl1": (scan or {}).get("teacher", {}).get("pl1"),
+        "student_pl1": (scan or {}).get("student", {}).get("pl1"),
     }
     if "clean" in evaluations:
         res["clean_ca"] = _pick(evaluations["clean"], probe, "ca")
@@ -88,6 +108,8 @@ def build_results(
         "probes": {who: dict(e["probes"]) for who, e in evaluations.items()},
         "target_class": attack.target if attack.known else None,
         "trigger": {"source": attack.source if attack.known else None, "id": attack.trigger_id},
+        "asr_trigger": {who: (attack.source if attack.known else None) for who in evaluations},
+        "scan": {who: dict(rec) for who, rec in (scan or {}).items()},
         "mi": dict(mi["mi"]),
         "weights": {k: float(w) for k, w in zip(mi["stages"], weights)},
         "mi_network": mi["network"],
@@ -103,5 +125,6 @@ def build_results(
     })
     if out is not None:
         res["out"] = out
-    res["verdict"] = judge(res["teacher_ca"], res["student_ca"], res["student_asr"], cfg.gate).to_dict()
+    res["verdict"] = judge(res["teacher_ca"], res["student_ca"], res["student_asr"], cfg.gate, scan=res["scan"],
+                           asr_trigger=res["trigger"]["source"], target=res["target_class"]).to_dict()
     return res

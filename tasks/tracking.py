@@ -18,6 +18,7 @@ from pathlib import Path
 from prefect import task
 
 from mimic.errors import MimicError, TrackingUnavailable
+from mimic.results import scan_tags
 from tasks.common import NETWORK
 
 PYFUNC = Path(__file__).with_name("pyfunc_student.py")
@@ -98,7 +99,7 @@ def log_audit(results_path: str, audit_key: str, artifacts: list[str], losses_pa
                 "mimic.audit_key": audit_key, "teacher_fingerprint": teacher["fingerprint"], "teacher_uri": teacher["uri"],
                 "data_version": results["data"]["data_version"], "verdict": results["verdict"]["verdict"],
                 "verdict_reason": results["verdict"]["reason"], "mimic.version": results["environment"].get("mimic"),
-                "mimic.git": str(results["environment"].get("git")),
+                "mimic.git": str(results["environment"].get("git")), **scan_tags(results),
             })
             mlflow.log_params(flatten(cfg))
             if losses_path and Path(losses_path).exists():
@@ -115,6 +116,8 @@ def log_audit(results_path: str, audit_key: str, artifacts: list[str], losses_pa
                             final[f"{who}.{probe}.{what}"] = m[what]
             final.update({f"mi.{k}": v for k, v in results["mi"].items()})
             final.update({f"weight.{k}": v for k, v in results["weights"].items()})
+            for who, rec in results.get("scan", {}).items():  # trigger inversion: PL1 per model (docs/scan.md)
+                final.update({f"scan.{who}.{k}": float(rec[k]) for k in ("pl1", "similarity") if rec.get(k) is not None})
             final["seconds"] = results["seconds"]
             mlflow.log_metrics(final)
             for a in artifacts:
