@@ -1,7 +1,7 @@
 """The audit flow: one teacher (path or ``s3://`` URI) in, a sanitized (or rejected) student out.
 
     fetch teacher -> admit (refuse unsafe files, check the data) -> DVC: add (and push) the inputs
-      -> MLflow: probe, open the run -> mimic.audit.run_audit (mi -> distill -> evaluate, each a task
+      -> MLflow: probe, open the run -> mimic.audit.run_audit (scan -> mi -> distill -> scan -> evaluate, each a task
       cached on its stage key; losses and stage numbers logged live) -> results.json + report.html
       -> store the student (sanitized/ or quarantine/) -> MLflow: finish the run, register a passing
       student -> Prefect artifacts and the event ``mimic.audit.<verdict>``
@@ -30,6 +30,7 @@ from mimic.cache import StageCache
 from mimic.config import Config
 from mimic.io import write_json
 from mimic.report import write_report
+from mimic.results import scan_tags
 from tasks.data import version_inputs
 from tasks.observe import emit, publish
 from tasks.registry import model_name, register_student
@@ -138,7 +139,8 @@ def audit_flow(audit: AuditInput, settings: Settings | None = None, services: Se
 
         akey, verdict = results["audit_key"], results["verdict"]
         logger.info("verdict: %s (%s)", verdict["verdict"], verdict["reason"])
-        meta = {k: results[k] for k in ("teacher_ca", "teacher_asr", "student_ca", "student_asr", "verdict", "audit_key")}
+        meta = {k: results[k] for k in ("teacher_ca", "teacher_asr", "student_ca", "student_asr", "teacher_pl1", "student_pl1",
+                                        "verdict", "audit_key")}
         meta.update({"student_fingerprint": results["student"]["fingerprint"], "teacher_uri": audit.teacher,
                      "data_version": versions["data_version"]})
         t = time.perf_counter()
@@ -153,7 +155,7 @@ def audit_flow(audit: AuditInput, settings: Settings | None = None, services: Se
             model = finish_run(ids, results, str(out_dir), results["student"]["file"], x.clean.x[:2].permute(0, 2, 3, 1).numpy(),
                                sorted(live.epochs))
             reg_tags = {"teacher_fingerprint": fp, "teacher_uri": audit.teacher, "data_version": versions["data_version"],
-                        "verdict": verdict["verdict"], "verdict_reason": verdict["reason"], "mimic.audit_key": akey}
+                        "verdict": verdict["verdict"], "verdict_reason": verdict["reason"], "mimic.audit_key": akey, **scan_tags(results)}
             reg = register_student(name, cfg.gate.alias, model["model_uri"], ids["run_id"], reg_tags, verdict["passed"])
             results["mlflow"] = {**ids, **model, "registry": reg}
             results["stage_seconds"]["track"] = round(time.perf_counter() - t, 2)

@@ -147,8 +147,11 @@ def cmd_watch(args: argparse.Namespace) -> dict:
 
 def _print_tick(args: argparse.Namespace, res: dict) -> None:
     for a in res["audited"]:
+        scan = a.get("scan") or {}
         say(args, f"audited {a['uri']} ({a['fingerprint'][:12]}): {a['verdict']}, student CA {fmt(a['student_ca'])} "
-            f"ASR {fmt(a['student_asr'])}")
+            f"ASR {fmt(a['student_asr'])}" + (f" ({a['asr_trigger']} trigger)" if a.get("asr_trigger") else "")
+            + (f"; scan: teacher {scan.get('teacher')} (PL1 {a['teacher_pl1']:.4f}), student {scan.get('student')} "
+               f"(PL1 {a['student_pl1']:.4f})" if a.get("teacher_pl1") is not None and a.get("student_pl1") is not None else ""))
     for a in res["skipped"]:
         say(args, f"already audited: {a['uri']} ({a['fingerprint'][:12]})")
     for a in res["refused"]:

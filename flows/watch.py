@@ -156,7 +156,8 @@ def watch_flow(
             failed.append({"uri": cand["uri"], "fingerprint": fp, "error": " ".join(str(exc).split())})
             continue
         record = {"uri": cand["uri"], "verdict": res["verdict"]["verdict"], "results": str(Path(res["out"]) / "results.json"),
-                  **{k: res[k] for k in ("teacher_ca", "teacher_asr", "student_ca", "student_asr")}}
+                  **{k: res[k] for k in ("teacher_ca", "teacher_asr", "student_ca", "student_asr", "teacher_pl1", "student_pl1")},
+                  "scan": {who: rec["verdict"] for who, rec in res.get("scan", {}).items()}, "asr_trigger": res["trigger"]["source"]}
         book.finish(fp, record)
         audited.append({"fingerprint": fp, **record})
     tick = {"location": location, "audited": audited, "skipped": skipped, "refused": refused, "failed": failed}

@@ -1,7 +1,9 @@
 """The audit: one teacher in, a sanitized (or rejected) student and ``results.json`` out.
 
     teacher (admitted once: content-addressed copy, fingerprint) + clean data (loaded once)
-      -> mi -> distill -> evaluate teacher and student -> results.json (+ the gate's verdict)
+      -> scan teacher -> mi -> distill -> scan student
+      -> evaluate teacher and student (ASR with the given trigger, else the teacher scan's inverted one)
+      -> results.json (+ the gate's verdict: scan -> sanitize -> verify)
 
 :func:`run_audit` is the only implementation: ``mimic demo`` (via :func:`run_demo`), the Prefect
 flow behind ``mimic audit`` and the tests call it. The stages run through a *runner*: by default
@@ -25,6 +27,7 @@ from mimic.data import Dataset, ImageSet
 from mimic.identity import audit_key
 from mimic.inputs import (Attack, Teacher, admit_teacher, clean_subset, clean_version, keep_copy, load_data,
                           load_teacher, require_clean_size, resolve_attack)
+from mimic.stages.scan import inverted_trigger, plan_scan, scan_record
 from mimic.io import copy_file, write_json
 from mimic.report import write_report
 from mimic.results import build_results, stage_record
@@ -77,6 +80,16 @@ class AuditInputs:
         ev = self.eval_data
         return ev.test is not None and ev.test.y is not None and ev.train.y is not None
 
+    def collapse_set(self, cfg: Config) -> tuple[ImageSet | None, str | None]:
+        """Labelled images of the downstream task that name a scan's collapse class: the clean set when
+        the eval data is the clean data, else ``data.clean_size`` stratified eval training images."""
+        if self.eval_data is self.data:
+            return (self.clean, self.clean_version) if self.clean.y is not None else (None, None)
+        if self.eval_data.train.y is None:
+            return None, None
+        images = clean_subset(cfg, self.eval_data)
+        return images, clean_version(images)
+
 
 def prepare(cfg: Config, req: AuditRequest, root: str | Path) -> AuditInputs:
     """Admit the teacher (refusing unsafe files), load the data, check sizes: every one-line refusal here."""
@@ -115,13 +128,24 @@ def run_audit(
     log.info("teacher %s (%s, %s), clean set %d images of %s", fp[:12], teacher.loaded.spec.name, teacher.loaded.layout,
              len(x.clean), x.data.name)
     runs: dict[str, StageRun] = dict(stages or {})
+    labelled, labelled_ver = x.collapse_set(cfg)
 
+    def scan(name: str, enc: Any, efp: str) -> StageRun:
+        plan = plan_scan(cfg, name, enc, efp, x.clean, x.clean_version, labelled=labelled, labelled_ver=labelled_ver,
+                         progress=progress)
+        runs[plan.name] = run(plan)
+        return runs[plan.name]
+
+    scan("teacher", teacher.loaded, fp)
     runs["mi"] = run(plan_mi(cfg, teacher.loaded, fp, x.clean, x.clean_version))
     weights = effective_weights(cfg, weights_of(runs["mi"]))
     runs["distill"] = run(plan_distill(cfg, teacher.loaded, fp, x.clean, x.clean_version, weights_of(runs["mi"]),
                                        progress=progress, on_epoch_end=on_epoch_end))
     student_path = runs["distill"].path("student")
     student_fp = runs["distill"].manifest["fingerprint"]
+    scan("student", load_teacher(student_path), student_fp)
+    scans = {who: scan_record(runs[f"scan-{who}"], cfg.scan.threshold) for who in ("teacher", "student")}
+    attack = asr_attack(x.attack, runs["scan-teacher"])
 
     evaluations: dict[str, dict] = {}
     if x.labelled:
@@ -130,7 +154,7 @@ def run_audit(
             enc = admit_teacher(path)
             encoders[name] = (enc.loaded, enc.fingerprint)
         for name, (enc, efp) in encoders.items():
-            plan = plan_evaluate(cfg, name, enc, efp, x.eval_data, x.attack)
+            plan = plan_evaluate(cfg, name, enc, efp, x.eval_data, attack)
             runs[plan.name] = run(plan)
             evaluations[name] = runs[plan.name].manifest
     else:
@@ -140,7 +164,7 @@ def run_audit(
     akey = audit_key(fp, {k: r.key for k, r in runs.items()}, cfg.gate)
     student_file = out / "student.safetensors"
     results = build_results(
-        cfg, kind=kind, audit_key=akey, attack=x.attack, mi=runs["mi"].manifest, weights=weights, evaluations=evaluations,
+        cfg, kind=kind, audit_key=akey, attack=attack, scan=scans, mi=runs["mi"].manifest, weights=weights, evaluations=evaluations,
         teacher={**teacher.info(), "uri": req.teacher_uri or req.teacher},
         student={"fingerprint": student_fp, "path": str(student_path), "file": str(student_file),
                  "resumed_from_epoch": runs["distill"].manifest.get("resumed_from_epoch")},
@@ -149,6 +173,10 @@ def run_audit(
     for stage, names in (("mi", ("json", "plot")), ("distill", ("losses", "plot"))):
         for name in names:
             copy_file(runs[stage].path(name), out / runs[stage].manifest["files"][name])
+    for who in ("teacher", "student"):  # trigger.npz/png (the teacher's), student-trigger.npz/png
+        for name in ("trigger", "plot"):
+            src = runs[f"scan-{who}"].path(name)
+            copy_file(src, out / (src.name if who == "teacher" else f"{who}-{src.name}"))
     student = load_teacher(student_path)
     save_encoder(student_file, student.encoder, meta={
         "stage": "distill", "teacher_fingerprint": fp, "audit_key": akey, "verdict": results["verdict"]["verdict"],
@@ -156,6 +184,17 @@ def run_audit(
     write_json(out / "results.json", results)
     write_report(results, out)
     return results
+
+
+def asr_attack(given: Attack, teacher_scan: StageRun) -> Attack:
+    """The trigger and target ASR is measured with: the given (or stored) one, else the teacher scan's
+    inverted trigger and the class its stamped images collapse to (when labels named one)."""
+    if given.known:
+        return given
+    target = teacher_scan.manifest.get("target_class")
+    if target is None:
+        return given
+    return Attack(inverted_trigger(teacher_scan), int(target), "inverted")
 
 
 def run_demo(cfg: Config, out_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from mimic.config import Config
+from mimic.config import Config, ScanConfig
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 
@@ -44,6 +44,10 @@ NEUTRAL_MODULES = frozenset({
     "mimic.inputs", "mimic.io", "mimic.results", "mimic.stages", "mimic.stages.common",
 })
 NEUTRAL_PACKAGES = ("mimic.checkpoints", "mimic.store", "mimic.cli")
+
+
+# every scan.* param but the threshold, which only judges a finished scan (mimic.scan.scan_verdict)
+SCAN_SEARCH_PARAMS = tuple(f.name for f in dataclasses.fields(ScanConfig) if f.name != "threshold")
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,7 @@ STAGES: dict[str, StageDef] = {
         StageDef("attack", ("mimic.stages.attack",), ("seed", "attack"), ("attack.epochs",)),
         StageDef("drupe", ("mimic.stages.drupe",), ("seed", "attack", "drupe"), ("attack.epochs",)),
         StageDef("adaptive", ("mimic.stages.adaptive",), ("seed", "attack", "adaptive"), ("attack.epochs",)),
+        StageDef("scan", ("mimic.stages.scan",), ("seed",) + tuple(f"scan.{k}" for k in SCAN_SEARCH_PARAMS)),
         StageDef("mi", ("mimic.stages.mi",), ("seed", "mi")),
         StageDef("distill", ("mimic.stages.distill",), ("seed", "distill"), ("distill.epochs",)),
         StageDef("evaluate", ("mimic.stages.evaluate",), ("seed", "evaluate")),

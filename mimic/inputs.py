@@ -185,7 +185,7 @@ class Attack:
 
     trigger: Trigger | None
     target: int | None
-    source: str | None  # "given" (--trigger/--target-class), "teacher" (stored in the file), None
+    source: str | None  # "given" (--trigger/--target-class), "teacher" (stored in the file), "inverted" (the scan's), None
 
     @property
     def known(self) -> bool:

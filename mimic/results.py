@@ -4,7 +4,10 @@
 are percentages; the ``teacher_*``/``student_*`` shortcuts are the primary probe's numbers (the
 standard protocol: raw L2-normalised features), every probe's are under ``probes`` (kind x protocol,
 see :mod:`mimic.evaluate`), and ``worst_case`` holds the highest student ASR and the largest CA drop
-over all of them: the numbers the gate judges. The environment is stamped here, once, for every command.
+over all of them: the numbers the gate judges. ``scan`` holds the trigger-inversion evidence of
+teacher and student (``teacher_pl1``/``student_pl1`` the shortcuts) and ``asr_trigger`` which trigger
+each ASR used (``given``, ``teacher``: stored in the teacher file, ``inverted``: the teacher scan's).
+The environment is stamped here, once, for every command.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-SCHEMA = "mimic.results/2"
+SCHEMA = "mimic.results/2"  # 2: probe protocols + worst_case, scan evidence (scan, teacher_pl1, student_pl1, asr_trigger)
 
 
 def git_revision() -> str | None:
@@ -83,10 +86,25 @@ def stage_record(run: Any) -> dict[str, Any]:
     return {"key": run.key, "cached": bool(run.cached), "seconds": round(run.seconds, 2)}
 
 
+def scan_tags(results: Mapping[str, Any]) -> dict[str, str]:
+    """Registry / MLflow tags of the scan evidence: ``scan_verdict`` (the student's: the registered
+    model is the student), ``teacher_scan_verdict``, ``teacher_pl1``, ``student_pl1``."""
+    scan = results.get("scan") or {}
+    tags = {}
+    if "student" in scan:
+        tags["scan_verdict"] = str(scan["student"]["verdict"])
+    if "teacher" in scan:
+        tags["teacher_scan_verdict"] = str(scan["teacher"]["verdict"])
+    for who in ("teacher", "student"):
+        if results.get(f"{who}_pl1") is not None:
+            tags[f"{who}_pl1"] = f"{results[f'{who}_pl1']:.4f}"
+    return tags
+
+
 def build_results(
     cfg: Any, *, kind: str, teacher: Mapping[str, Any], data: Mapping[str, Any], mi: Mapping[str, Any],
     weights: list[float], student: Mapping[str, Any], evaluations: Mapping[str, Mapping], attack: Any, stages: Mapping[str, Mapping],
-    seconds: float, audit_key: str, out: str | None = None,
+    seconds: float, audit_key: str, out: str | None = None, scan: Mapping[str, Mapping] | None = None,
 ) -> dict[str, Any]:
     """Assemble ``results.json`` (see the module docstring) and the gate's verdict."""
     from mimic.gate import judge
@@ -101,6 +119,8 @@ def build_results(
         "teacher_asr": _pick(t, probe, "asr"),
         "student_ca": _pick(s, probe, "ca"),
         "student_asr": _pick(s, probe, "asr"),
+        "teacher_pl1": (scan or {}).get("teacher", {}).get("pl1"),
+        "student_pl1": (scan or {}).get("student", {}).get("pl1"),
     }
     if "clean" in evaluations:
         res["clean_ca"] = _pick(evaluations["clean"], probe, "ca")
@@ -111,6 +131,8 @@ def build_results(
         "worst_case": worst_case(evaluations),
         "target_class": attack.target if attack.known else None,
         "trigger": {"source": attack.source if attack.known else None, "id": attack.trigger_id},
+        "asr_trigger": {who: (attack.source if attack.known else None) for who in evaluations},
+        "scan": {who: dict(rec) for who, rec in (scan or {}).items()},
         "mi": dict(mi["mi"]),
         "weights": {k: float(w) for k, w in zip(mi["stages"], weights)},
         "mi_network": mi["network"],
@@ -127,6 +149,7 @@ def build_results(
     if out is not None:
         res["out"] = out
     w = res["worst_case"]
-    res["verdict"] = judge(w.get("teacher_ca"), w.get("student_ca"), w.get("student_asr"), cfg.gate,
+    res["verdict"] = judge(w.get("teacher_ca"), w.get("student_ca"), w.get("student_asr"), cfg.gate, scan=res["scan"],
+                           asr_trigger=res["trigger"]["source"], target=res["target_class"],
                            asr_probe=w.get("asr_probe"), ca_probe=w.get("ca_probe")).to_dict()
     return res

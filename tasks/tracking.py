@@ -206,6 +206,9 @@ class LiveRun:
         elif name.startswith("evaluate-"):
             who = name.removeprefix("evaluate-")
             nums = {f"probes.{who}.{p}.{m}": r[m] for p, r in manifest.get("probes", {}).items() for m in ("ca", "asr")}
+        elif name.startswith("scan-"):  # trigger inversion: PL1 and the similarity reached (docs/scan.md)
+            who = name.removeprefix("scan-")
+            nums = {f"scan.{who}.{k}": manifest.get(k) for k in ("pl1", "similarity")}
         self._log([Metric(k, float(v), now, 0) for k, v in nums.items() if _number(v)], {"mimic.progress": f"{name} done"})
 
 

@@ -114,7 +114,7 @@ def _dvc_stages() -> dict:
     return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 
-@pytest.mark.parametrize("dvc_stage, stages", [("demo_teacher", ("pretrain", "attack")), ("mi", ("mi",)),
+@pytest.mark.parametrize("dvc_stage, stages", [("demo_teacher", ("pretrain", "attack")), ("mi", ("mi",)), ("scan-teacher", ("scan",)), ("scan-student", ("scan",)),
                                                ("distill", ("distill",)), ("evaluate", ("evaluate",))])
 def test_dvc_stages_depend_on_the_code_and_params_of_their_stage(dvc_stage, stages):
     """DVC reruns a stage when its code changes: dvc.yaml deps = the identity's code files."""

@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             from mimic.runtime import set_threads
 
             set_threads(args.threads)  # default: the physical cores this process may use
+        stdout = sys.stdout
         if getattr(args, "json", None) == "-":  # the results alone on stdout: whatever a library prints goes to stderr
             with contextlib.redirect_stdout(sys.stderr):
                 result = COMMANDS[args.command](args)

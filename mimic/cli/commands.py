@@ -1,4 +1,4 @@
-"""The core subcommands: demo, the stage commands the DVC pipeline runs, and small tools."""
+"""The core subcommands: demo, the stage commands the DVC pipeline runs, and small tools (``scan``: mimic.cli.scan)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,11 @@ def table(res: dict) -> str:
     lines.insert(1, "-" * len(lines[0]))
     weights = ", ".join(f"{k} {v:.0f} (MI {res['mi'][k]:.3f})" for k, v in res["weights"].items())
     lines.append(f"MI weights ({res.get('mi_network', 'teacher')}): {weights}")
-    lines.append(f"probe: {res['probe']}, target class {res.get('target_class')}, {res['seconds']:.0f} s")
+    lines.append(f"probe: {res['probe']}, target class {res.get('target_class')}, ASR trigger "
+                 f"{(res.get('trigger') or {}).get('source') or 'none'}, {res['seconds']:.0f} s")
+    scans = res.get("scan") or {}
+    if scans:
+        lines.append("scan: " + ", ".join(f"{who} PL1 {r['pl1']:.4f} ({r['verdict']})" for who, r in scans.items()))
     lines.append(f"verdict: {res['verdict']['verdict']} ({res['verdict']['reason']})")
     return "\n".join(lines)
 
@@ -295,6 +299,10 @@ def register(sub: Any) -> None:
     common(p)
 
     zoo.register(sub)
+
+    from mimic.cli.scan import register as register_scan
+
+    register_scan(sub)
 
     p = add_command(sub, "fingerprint", cmd_fingerprint, help="content fingerprint of an encoder checkpoint")
     p.add_argument("path", metavar="PATH")

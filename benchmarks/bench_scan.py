@@ -1,0 +1,260 @@
+"""Calibration of ``mimic scan``: a zoo of clean and backdoored encoders (and their MIMIC students).
+
+    nice -n 10 .venv/bin/python benchmarks/bench_scan.py [--scale small|demo] [--clean 10] [--backdoored 10]
+        [--data synthetic] [--cache runs/bench-scan/cache] [--json bench-results/scan.json] [--threads 2]
+        [--set scan.KEY=VALUE ...] [--budget]
+
+The zoo is made with the project's own stages (SimCLR ``pretrain``, BadEncoder ``attack``, ``mi`` +
+``distill`` for the students, ``evaluate``, ``scan``) in one stage cache, so a rerun reuses every
+encoder and scan already made (only new or changed ones are computed):
+
+* clean encoder ``i``: SimCLR with seed ``i``;
+* backdoored encoder ``i``: BadEncoder on clean encoder ``i`` with the trigger of ``ZOO[i]`` (sizes
+  3-10 px, corners, centre, a random place per image, white / coloured / noise patterns, a blended
+  full-image trigger) and target class ``ZOO[i]``'s; its CA/ASR is measured with the true trigger;
+* student ``i``: the MIMIC student of backdoored encoder ``i`` (CA/ASR with the true trigger).
+
+Every encoder is scanned with the same params. The table prints PL1 per model; the summary gives
+the ROC AUC clean-vs-backdoored (score: -PL1), the TPR at 5% FPR, the threshold chosen (the
+largest TPR at FPR <= 5% on the clean encoders, midway between the two PL1 values it separates),
+the share of students flagged at that threshold next to the clean encoders' share, and seconds per
+scan (scans computed in this run). ``--budget`` also times one scan of a width-8 and one of a
+width-64 (full-width) CIFAR ResNet-18 on 2,000 images (point 4 of issue 13).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mimic.cache import StageCache
+from mimic.config import Config, load_config
+from mimic.inputs import clean_subset, clean_version, load_data, load_teacher, resolve_attack
+from mimic.io import write_json
+from mimic.results import environment
+from mimic.stages.attack import plan_attack
+from mimic.stages.distill import plan_distill
+from mimic.stages.evaluate import plan_evaluate
+from mimic.stages.mi import plan_mi, weights_of
+from mimic.stages.pretrain import plan_pretrain
+from mimic.stages.scan import plan_scan, scan_record
+
+SCALES: dict[str, list[str]] = {
+    # CPU scale of the zoo: width-8 encoders on the synthetic textures (~10 min per backdoored model with its
+    # student on 2 idle cores)
+    "small": ["data.synthetic_train=3000", "data.synthetic_test=1000", "data.clean_size=500", "encoder.width=8",
+              "pretrain.epochs=4", "attack.shadow_size=1000", "attack.epochs=6", "mi.epochs=30", "distill.epochs=20",
+              "evaluate.epochs=50", "evaluate.train_size=2000"],
+    # the demo's scale (mimic/defaults.yaml)
+    "demo": [],
+}
+
+
+@dataclass(frozen=True)
+class Backdoor:
+    size: int
+    position: str
+    pattern: str
+    colour: str = "white"
+    alpha: float = 1.0
+    target: int = 0
+
+    def sets(self) -> list[str]:
+        return [f"attack.trigger_size={self.size}", f"attack.trigger_position={self.position}",
+                f"attack.trigger_pattern={self.pattern}", f"attack.trigger_colour={self.colour}",
+                f"attack.trigger_alpha={self.alpha}", f"attack.target_class={self.target}"]
+
+    def label(self) -> str:
+        if self.position == "full":
+            return f"blend {self.pattern} a={self.alpha:g}"
+        pat = self.colour if self.pattern == "colour" else self.pattern
+        return f"{self.size}px {pat} {self.position}"
+
+
+ZOO = (
+    Backdoor(10, "bottom_right", "white", target=0),
+    Backdoor(3, "bottom_right", "white", target=1),
+    Backdoor(5, "top_left", "colour", "red", target=2),
+    Backdoor(8, "centre", "noise", target=3),
+    Backdoor(6, "bottom_left", "colour", "green", target=4),
+    Backdoor(4, "random", "white", target=5),
+    Backdoor(32, "full", "noise", alpha=0.2, target=6),
+    Backdoor(7, "top_right", "colour", "yellow", target=7),
+    Backdoor(10, "random", "noise", target=8),
+    Backdoor(5, "centre", "white", target=9),
+    Backdoor(3, "top_left", "noise", target=1),
+    Backdoor(32, "full", "noise", alpha=0.1, target=3),
+)
+
+
+def roc_auc(pos: list[float], neg: list[float]) -> float:
+    """P(score_pos > score_neg) + 0.5 P(tie): the Mann-Whitney form of the ROC AUC."""
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def choose_threshold(backdoored: list[float], clean: list[float], max_fpr: float = 0.05) -> tuple[float, float, float]:
+    """(threshold, TPR, FPR) on PL1 (suspicious when PL1 < threshold): the largest TPR with FPR <= ``max_fpr``,
+    the threshold midway between the last value flagged and the next value."""
+    values = sorted(set(backdoored + clean))
+    best = (values[0] / 2, 0.0, 0.0)
+    for i, v in enumerate(values):
+        nxt = values[i + 1] if i + 1 < len(values) else v * 1.1
+        t = (v + nxt) / 2
+        tpr = sum(p < t for p in backdoored) / len(backdoored)
+        fpr = sum(p < t for p in clean) / len(clean)
+        if fpr <= max_fpr and tpr > best[1]:
+            best = (t, tpr, fpr)
+    return best
+
+
+def model_config(args: argparse.Namespace, seed: int, extra: list[str] = ()) -> Config:
+    return load_config(sets=[f"seed={seed}", f"data.source={args.data}", *SCALES[args.scale], *extra, *args.sets])
+
+
+def scan_of(cfg: Config, name: str, enc_path: Path, fp: str, cache: StageCache, rows: list, kind: str, info: dict) -> dict:
+    ds = load_data(cfg)
+    clean = clean_subset(cfg, ds)
+    run = plan_scan(cfg, name, load_teacher(enc_path), fp, clean, clean_version(clean), progress=False).run(cache)
+    rec = scan_record(run, cfg.scan.threshold)
+    row = {"model": name, "kind": kind, "fingerprint": fp[:12], "pl1": rec["pl1"], "similarity": rec["similarity"],
+           "clean_similarity": rec["clean_similarity"], "target_class": rec["target_class"], "reached": rec["reached"],
+           "scan_seconds": run.manifest.get("seconds"), "scan_cached": run.cached, **info}
+    rows.append(row)
+    print(f"{name:>14} {kind:>10} PL1 {rec['pl1']:.4f}  S {rec['similarity']:.3f} (clean {rec['clean_similarity']:.3f})  "
+          f"collapse class {rec['target_class']}  {info.get('trigger', '')}  CA {info.get('ca', '-')} ASR {info.get('asr', '-')}"
+          f"  [{'cached' if run.cached else f'{run.seconds:.0f} s'}]", flush=True)
+    return row
+
+
+def ca_asr(cfg: Config, name: str, enc, fp: str, ds, attack, cache: StageCache) -> dict:
+    m = plan_evaluate(cfg, name, enc, fp, ds, attack).run(cache).manifest["probes"]
+    r = next(iter(m.values()))
+    return {"ca": r["ca"], "asr": r["asr"]}
+
+
+def build_and_scan(args: argparse.Namespace, cache: StageCache) -> list[dict]:
+    rows: list[dict] = []
+    for i in range(max(args.clean, args.backdoored)):
+        cfg = model_config(args, i)
+        ds = load_data(cfg)
+        pre = plan_pretrain(cfg, ds, progress=False).run(cache)
+        clean_enc = load_teacher(pre.path("encoder"))
+        if i < args.clean:
+            scan_of(cfg, f"clean-{i}", pre.path("encoder"), pre.manifest["fingerprint"], cache, rows, "clean",
+                    ca_asr(cfg, f"clean-{i}", clean_enc, pre.manifest["fingerprint"], ds, resolve_attack(None), cache))
+        if i >= args.backdoored:
+            continue
+        bd = ZOO[i % len(ZOO)]
+        acfg = model_config(args, i, bd.sets())
+        att = plan_attack(acfg, clean_enc, ds, progress=False).run(cache)
+        teacher = load_teacher(att.path("encoder"))
+        attack = resolve_attack(teacher)
+        tfp = att.manifest["fingerprint"]
+        info = {"trigger": bd.label(), "true_target": bd.target, **ca_asr(acfg, f"backdoored-{i}", teacher, tfp, ds, attack, cache)}
+        scan_of(acfg, f"backdoored-{i}", att.path("encoder"), tfp, cache, rows, "backdoored", info)
+        if args.students:
+            clean = clean_subset(acfg, ds)
+            ver = clean_version(clean)
+            mi = plan_mi(acfg, teacher, tfp, clean, ver).run(cache)
+            dist = plan_distill(acfg, teacher, tfp, clean, ver, weights_of(mi), progress=False).run(cache)
+            sfp = dist.manifest["fingerprint"]
+            student = load_teacher(dist.path("student"))
+            sinfo = {"trigger": bd.label(), "true_target": bd.target, "teacher": f"backdoored-{i}",
+                     **ca_asr(acfg, f"student-{i}", student, sfp, ds, attack, cache)}
+            scan_of(acfg, f"student-{i}", dist.path("student"), sfp, cache, rows, "student", sinfo)
+    return rows
+
+
+def summarise(rows: list[dict]) -> dict:
+    pl1 = {k: [r["pl1"] for r in rows if r["kind"] == k] for k in ("clean", "backdoored", "student")}
+    out: dict = {"n": {k: len(v) for k, v in pl1.items()}}
+    if pl1["clean"] and pl1["backdoored"]:
+        t, tpr, fpr = choose_threshold(pl1["backdoored"], pl1["clean"])
+        out.update({"auc": roc_auc([-p for p in pl1["backdoored"]], [-p for p in pl1["clean"]]), "threshold": round(t, 4),
+                    "tpr_at_5pct_fpr": tpr, "fpr": fpr})
+        if pl1["student"]:
+            out["students_flagged"] = sum(p < t for p in pl1["student"]) / len(pl1["student"])
+        out["clean_flagged"] = fpr
+    for k, v in pl1.items():
+        if v:
+            out[f"pl1_{k}"] = {"min": min(v), "median": statistics.median(v), "max": max(v)}
+    secs = [r["scan_seconds"] for r in rows if not r["scan_cached"] and r["scan_seconds"]]
+    all_secs = [r["scan_seconds"] for r in rows if r["scan_seconds"]]
+    out["seconds_per_scan"] = {"this_run": statistics.mean(secs) if secs else None,
+                               "all": statistics.mean(all_secs) if all_secs else None}
+    return out
+
+
+def budget(args: argparse.Namespace) -> list[dict]:
+    """Seconds of one scan of a width-8 and a width-64 CIFAR ResNet-18 (random weights) on 2,000 images."""
+    from mimic.data import ImageSet
+    from mimic.encoders import EncoderSpec, build_encoder
+    from mimic.runtime import seed_torch
+    from mimic.scan import invert_trigger
+    from mimic.stages.scan import settings_of
+
+    cfg = load_config(sets=list(args.sets))
+    g = torch.Generator().manual_seed(0)
+    images = ImageSet(torch.randint(0, 256, (2000, 3, 32, 32), dtype=torch.uint8, generator=g))
+    out = []
+    for width in args.budget_widths:
+        seed_torch(0, "bench-scan", width)
+        enc = build_encoder(EncoderSpec(width=width)).eval()
+        t0 = time.perf_counter()
+        res = invert_trigger(enc, images, settings_of(cfg.scan), seed=0, progress=not args.quiet)
+        sec = time.perf_counter() - t0
+        out.append({"width": width, "images": len(images), "steps": res.steps, "batch_size": cfg.scan.batch_size,
+                    "seconds": round(sec, 1), "pl1": res.pl1})
+        print(f"budget: width {width}: {sec:.1f} s for {res.steps} steps x {cfg.scan.batch_size} images "
+              f"(+ two passes over {len(images)} images)", flush=True)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", choices=sorted(SCALES), default="small")
+    p.add_argument("--data", default="synthetic", help="dataset the zoo is trained on (default: the synthetic textures)")
+    p.add_argument("--clean", type=int, default=10, help="clean encoders (seeds 0..N-1)")
+    p.add_argument("--backdoored", type=int, default=10, help=f"backdoored encoders (triggers from a list of {len(ZOO)})")
+    p.add_argument("--no-students", dest="students", action="store_false", help="skip the MIMIC students")
+    p.add_argument("--cache", default="runs/bench-scan/cache")
+    p.add_argument("--json", default="bench-results/scan.json")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="e.g. scan.steps=400")
+    p.add_argument("--budget", action="store_true", help="also time width-8 and full-width scans on 2,000 images")
+    p.add_argument("--budget-only", action="store_true")
+    p.add_argument("--budget-widths", type=int, nargs="+", default=[8, 64])
+    p.add_argument("-q", "--quiet", action="store_true")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    report: dict = {"scale": args.scale, "data": args.data, "sets": args.sets, "zoo": [b.__dict__ for b in ZOO],
+                    "load_average_start": os.getloadavg()}
+    if not args.budget_only:
+        rows = build_and_scan(args, StageCache(args.cache))
+        report["rows"] = rows
+        report["summary"] = summarise(rows)
+        s = report["summary"]
+        print(json.dumps(s, indent=1))
+    if args.budget or args.budget_only:
+        report["budget"] = budget(args)
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    report["load_average_end"] = os.getloadavg()
+    report["environment"] = environment("cpu", 0)
+    report["scan_params"] = load_config(sets=list(args.sets)).to_dict()["scan"]
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.json, report)
+    print(f"wrote {args.json} ({report['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
