@@ -52,6 +52,13 @@ SCALES: dict[str, list[str]] = {
     "small": ["data.synthetic_train=3000", "data.synthetic_test=1000", "data.clean_size=500", "encoder.width=8",
               "pretrain.epochs=4", "attack.shadow_size=1000", "attack.epochs=6", "mi.epochs=30", "distill.epochs=20",
               "evaluate.epochs=50", "evaluate.train_size=2000"],
+    # the test bench's scale (tests/conftest.py ZOO_SETS) on the 10-class textures: width-4 encoders, ~1 min per
+    # backdoored model with its student on 2 cores; the scan itself at the tests' shorter search
+    "bench": ["data.synthetic_train=1000", "data.synthetic_test=400", "data.clean_size=200", "encoder.width=4",
+              "pretrain.epochs=6", "pretrain.lr=0.01", "pretrain.batch_size=64", "attack.shadow_size=300",
+              "attack.epochs=5", "attack.batch_size=32", "mi.epochs=10", "distill.epochs=20", "distill.batch_size=64",
+              "evaluate.epochs=30", "evaluate.probe=linear", "evaluate.zscore=false", "scan.steps=120", "scan.grid=2",
+              "scan.probe_steps=30", "scan.stop_patience=40"],
     # the demo's scale (mimic/defaults.yaml)
     "demo": [],
 }

@@ -78,3 +78,16 @@ def badencoder_loss(
         "clean_utility": float(clean_util.detach()),
     }
     return total, parts
+
+
+def mean_pairwise_cosine(z: Tensor) -> Tensor:
+    """S(Z) = mean_{i != j} cos(z_i, z_j), in O(N d) as (||sum_i u_i||^2 - N) / (N (N - 1)), u_i = z_i / ||z_i||.
+
+    The set similarity of DECREE's trigger inversion (mimic.scan) and DRUPE's concentration term.
+    """
+    n = z.shape[0]
+    if n < 2:
+        raise ValueError("the mean pairwise similarity needs at least two embeddings")
+    u = F.normalize(z.float(), dim=1)
+    s = u.sum(0)
+    return (s.dot(s) - n) / (n * (n - 1))

@@ -46,6 +46,7 @@ from torch import Tensor
 from mimic.data import ImageSet, batches, require_size, to_float
 from mimic.encoders import Encoder, evaluating
 from mimic.evaluate import extract_features
+from mimic.losses import mean_pairwise_cosine
 from mimic.runtime import generator
 from mimic.triggers import Trigger
 
@@ -103,16 +104,6 @@ def scan_verdict(pl1: float, threshold: float, reached: bool = True) -> dict:
     found = "" if reached else " (no trigger reached the set similarity: the whole image)"
     return {"verdict": "suspicious" if suspicious else "clean", "suspicious": suspicious, "threshold": threshold,
             "reason": f"PL1 {pl1:.4f} {'<' if suspicious else '>='} threshold {threshold:g}{found}"}
-
-
-def mean_pairwise_cosine(z: Tensor) -> Tensor:
-    """S(Z) = mean_{i != j} cos(z_i, z_j), in O(N d) as (||sum u||^2 - N) / (N (N - 1))."""
-    n = z.shape[0]
-    if n < 2:
-        raise ValueError("the mean pairwise similarity needs at least two embeddings")
-    u = F.normalize(z.float(), dim=1)
-    s = u.sum(0)
-    return (s.dot(s) - n) / (n * (n - 1))
 
 
 def set_similarity(encoder: Encoder, x: Tensor, trigger: Trigger | None, device: torch.device | str = "cpu") -> float:

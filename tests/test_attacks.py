@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from mimic import identity
-from mimic.attacks.drupe import mean_pairwise_cosine, sliced_wasserstein
+from mimic.attacks.drupe import sliced_wasserstein
+from mimic.losses import mean_pairwise_cosine
 from mimic.inputs import load_teacher
 from mimic.triggers import Trigger
 

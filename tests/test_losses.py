@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 import torch
 import torch.nn.functional as F
 
@@ -81,3 +83,15 @@ def test_badencoder_loss_golden_value():
     # effectiveness -1 (aligned), reference utility -1, clean utility 0
     assert math.isclose(float(total), -2.0, abs_tol=1e-6)
     assert parts == {"effectiveness": -1.0, "reference_utility": -1.0, "clean_utility": 0.0}
+
+
+def test_mean_pairwise_cosine_is_the_mean_over_distinct_pairs():
+    from mimic.losses import mean_pairwise_cosine
+
+    z = torch.randn(7, 5, generator=torch.Generator().manual_seed(3))
+    u = torch.nn.functional.normalize(z, dim=1)
+    brute = sum(float(u[i] @ u[j]) for i in range(7) for j in range(7) if i != j) / (7 * 6)
+    assert float(mean_pairwise_cosine(z)) == pytest.approx(brute, abs=1e-6)
+    assert float(mean_pairwise_cosine(torch.ones(4, 3))) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        mean_pairwise_cosine(z[:1])

@@ -49,6 +49,7 @@ from mimic.augment import random_flip
 from mimic.config import AttackConfig
 from mimic.data import ImageSet, batches, require_size, to_float
 from mimic.encoders import Encoder, bn_eval, freeze
+from mimic.losses import mean_pairwise_cosine
 from mimic.runtime import autocast
 from mimic.training import LoopResult, MeanMeter, check_finite, run_epochs
 from mimic.triggers import Trigger
@@ -63,14 +64,6 @@ def sliced_wasserstein(a: Tensor, b: Tensor, projections: int, g: torch.Generato
     pa, _ = torch.sort(a @ theta, dim=0)
     pb, _ = torch.sort(b @ theta, dim=0)
     return (pa - pb).pow(2).mean().clamp_min(1e-12).sqrt()
-
-
-def mean_pairwise_cosine(f: Tensor) -> Tensor:
-    """mean_{i != j} cos(f_i, f_j)."""
-    n = F.normalize(f.float(), dim=1)
-    s = n @ n.t()
-    b = len(f)
-    return (s.sum() - s.diagonal().sum()) / max(b * (b - 1), 1)
 
 
 def drupe_loss(
