@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_demo.py [--seeds 0 1 2 3 4] [--threads 1 2] [--data synthetic]
         [--set KEY=VALUE ...] [--out bench-results/demo] [--json bench-results/demo.json] [--markdown FILE]
-        [--readme README.md]
+        [--readme README.md] [--cores N]
 
 Each cell is one `mimic demo --set seed=S --threads T` in its own process and output directory
 (the stage cache is per directory, so no cell reuses another's models; a rerun of the same cell
@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 BEGIN, END = "<!-- demo-grid:begin -->", "<!-- demo-grid:end -->"
@@ -96,6 +98,27 @@ def table(cells: list[dict], summ: dict) -> str:
     return "\n".join(lines)
 
 
+def run_grid(grid: list[tuple[int, int]], cores: int, run) -> list[dict]:
+    """Run every (seed, threads) cell, side by side while the running cells' threads fit in ``cores``
+    (two 1-thread cells share 2 cores; a 2-thread cell runs alone); cells come back in grid order."""
+    results: dict[tuple[int, int], dict] = {}
+    pending = sorted(grid, key=lambda st: -st[1])  # widest first, so narrow cells fill the gaps
+    with ThreadPoolExecutor(max_workers=max(1, cores)) as pool:
+        running: dict = {}
+        while pending or running:
+            used = sum(st[1] for st in running.values())
+            fits = next((st for st in pending if used + st[1] <= cores or not running), None)
+            if fits is not None:
+                pending.remove(fits)
+                running[pool.submit(run, fits)] = fits
+                continue
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                results[running.pop(fut)] = cell = fut.result()
+                print(json.dumps(cell), flush=True)
+    return [results[st] for st in grid]
+
+
 def replace_block(path: Path, text: str) -> None:
     """Put ``text`` between the BEGIN/END markers of ``path`` (which must hold both)."""
     doc = path.read_text()
@@ -115,13 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default="bench-results/demo.json")
     ap.add_argument("--markdown", help="also write the table here")
     ap.add_argument("--readme", type=Path, help="replace the demo-grid block of this file with the table")
+    ap.add_argument("--cores", type=int, default=os.cpu_count() or 1,
+                    help="run cells side by side while their threads fit in this many cores (default: all)")
     args = ap.parse_args(argv)
-    cells = []
-    for seed in args.seeds:
-        for threads in args.threads:
-            cell = run_cell(seed, threads, args.data, args.sets, Path(args.out) / f"seed{seed}-t{threads}")
-            cells.append(cell)
-            print(json.dumps(cell), flush=True)
+    grid = [(seed, threads) for seed in args.seeds for threads in args.threads]
+    cells = run_grid(grid, args.cores, lambda st: run_cell(st[0], st[1], args.data, args.sets,
+                                                          Path(args.out) / f"seed{st[0]}-t{st[1]}"))
     summ = summary(cells)
     text = table(cells, summ)
     print(text)

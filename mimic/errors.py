@@ -17,6 +17,12 @@ class ConfigError(MimicError):
     """A parameter is unknown or has an invalid value."""
 
 
+def check_config(cond: bool, msg: str) -> None:
+    """Raise :class:`ConfigError` with ``msg`` unless ``cond`` (the parameter sections' validation)."""
+    if not cond:
+        raise ConfigError(msg)
+
+
 class TrainingDiverged(MimicError):
     """A loss became NaN or infinite; the last good checkpoint is kept."""
 

@@ -443,3 +443,14 @@ def _error_response(status: int, method: str) -> bytes:
     head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: application/xml\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
     return head if method == "HEAD" else head + body
+
+
+# The `tiny` encoders learn nothing (probe CA at chance) and scan as degenerate, so the gate rightly
+# rejects their students. Tests of a *passing* audit's plumbing open the gate explicitly; what the
+# gate decides is tested on encoders that learn (tests/test_scan.py, tests/test_evaluate.py).
+OPEN_GATE = ("gate.max_ca_drop=100", "gate.max_asr=100", "gate.reject_suspicious_student=false")
+
+
+def open_gate_args() -> list[str]:
+    """``OPEN_GATE`` as CLI arguments."""
+    return [a for s in OPEN_GATE for a in ("--set", s)]

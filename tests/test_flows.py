@@ -9,9 +9,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from services import OPEN_GATE, open_gate_args
 
 
-HEAVY = ("mi", "distill", "evaluate-teacher", "evaluate-student")
+HEAVY = ("scan-teacher", "mi", "distill", "scan-student", "evaluate-teacher", "evaluate-student")
 
 
 def _audit(teacher: Path, *sets: str, services=None, data: str = "synthetic", **kw):
@@ -105,7 +106,7 @@ def test_audit_services_pass_then_reject_then_fail(pipeline_env, tiny_teachers, 
     s3.put_bucket_versioning(Bucket=s3_env, VersioningConfiguration={"Status": "Enabled"})
     store = f"s3://{s3_env}/mimic"
     svc = _services(store=store, sse="AES256", dvc_remote=f"s3://{s3_env}/dvc")
-    res, state = _audit(tiny_teachers["teacher"], services=svc)
+    res, state = _audit(tiny_teachers["teacher"], *OPEN_GATE, services=svc)
     assert state.type.value == "COMPLETED" and res["verdict"]["passed"], res["verdict"]
     fp, akey = res["teacher"]["fingerprint"], res["audit_key"]
 
@@ -155,10 +156,15 @@ def test_audit_services_pass_then_reject_then_fail(pipeline_env, tiny_teachers, 
     mv = client.get_model_version_by_alias(name, "sanitized")
     assert str(mv.version) == res["mlflow"]["registry"]["version"] and mv.tags["verdict"] == "sanitized"
     assert mv.tags["teacher_fingerprint"] == fp and mv.tags["data_version"] == res["data"]["data_version"]
+    # the scan evidence: registry tags, PL1 metrics, the inverted triggers as artifacts
+    assert mv.tags["scan_verdict"] == res["scan"]["student"]["verdict"]
+    assert float(mv.tags["teacher_pl1"]) == pytest.approx(res["teacher_pl1"], abs=1e-4)
+    assert run.data.metrics["scan.teacher.pl1"] == pytest.approx(res["scan"]["teacher"]["pl1"])
+    assert {"trigger.png", "student-trigger.png"} <= artifacts
 
     # a stricter gate: Rejected state, quarantine/, a run with the student logged but no new version
     assert res["student_asr"] > 0, "precondition: the tiny student keeps some ASR"
-    strict, sstate = _audit(tiny_teachers["teacher"], f"gate.max_asr={res['student_asr'] / 2}", services=svc)
+    strict, sstate = _audit(tiny_teachers["teacher"], *OPEN_GATE, f"gate.max_asr={res['student_asr'] / 2}", services=svc)
     assert sstate.type.value == "FAILED" and sstate.name == "Rejected" and "ASR" in sstate.message
     assert all(strict["cached"][k] for k in HEAVY)  # only the gate changed: nothing heavy re-ran
     assert strict["store"]["student_uri"].startswith(f"s3://{s3_env}/mimic/quarantine/{fp}/{strict['audit_key']}/")
@@ -224,7 +230,7 @@ def test_watch_command_once_then_on_a_schedule(pipeline_env, tiny_teachers, caps
     incoming = pipeline_env / "incoming"
     incoming.mkdir()
     shutil.copy(tiny_teachers["teacher"], incoming / "model-a.pt")
-    common = ["--data", "synthetic", "--profile", "tiny", "--no-track", "--quiet"]
+    common = ["--data", "synthetic", "--profile", "tiny", "--no-track", "--quiet", *open_gate_args()]
     assert main(["watch", str(incoming), "--once", *common, "--json", "tick1.json"]) == 0
     assert len(json.loads(Path("tick1.json").read_text())["audited"]) == 1
     assert "1 audited" in capsys.readouterr().out

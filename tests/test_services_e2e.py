@@ -17,7 +17,7 @@ import boto3
 import numpy as np
 import pytest
 
-from services import free_port, stop_process, venv_program, wait_http
+from services import free_port, open_gate_args, stop_process, venv_program, wait_http
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def test_passing_and_rejected_audits_on_real_services(servers, tiny_teachers, tm
     s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
     common = ["--teacher", str(tiny_teachers["teacher"]), "--data", "synthetic", "--profile", "tiny", "--threads", "1",
               "--store", f"s3://{bucket}/models", "--sse", "AES256", "--dvc-remote", f"s3://{bucket}/dvc", "-q"]
-    ok = _mimic("audit", *common, "--json", "pass.json", cwd=tmp_path)
+    ok = _mimic("audit", *common, *open_gate_args(), "--json", "pass.json", cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr[-3000:]
     bad = _mimic("audit", *common, "--set", "gate.max_asr=0", "--set", "gate.max_ca_drop=0", "--json", "-", cwd=tmp_path)
     assert bad.returncode == 3, bad.stderr[-3000:]

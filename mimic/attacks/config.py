@@ -9,12 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mimic.errors import ConfigError
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
+from mimic.errors import check_config as _check
 
 
 @dataclass(frozen=True)

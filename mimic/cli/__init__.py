@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
 
             result["environment"] = environment(args.config.device, args.config.seed)
         emit(args, result, stdout)
-        return exit_code(result)
+        code = exit_code(result)
+        return 0 if code == EXIT_REJECTED and getattr(args, "exit_zero", False) else code
     except ServiceUnavailable as exc:
         if args.debug:
             raise

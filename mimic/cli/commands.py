@@ -251,7 +251,7 @@ def cmd_results(args: argparse.Namespace) -> dict:
                        target=args.target_class)
     res = run_audit(cfg, req, root=args.cache, out_dir=args.out, runner=replay(args.stages), progress=False)
     if args.metrics:
-        keys = ("teacher_ca", "teacher_asr", "student_ca", "student_asr")
+        keys = ("teacher_ca", "teacher_asr", "student_ca", "student_asr", "teacher_pl1", "student_pl1")
         write_json(args.metrics, {"verdict": int(res["verdict"]["passed"]), **{k: res[k] for k in keys},
                                   "probes": res["probes"]})
     say(args, table(res))
@@ -343,5 +343,7 @@ def register(sub: Any) -> None:
     p.add_argument("--stages", nargs="+", required=True, metavar="DIR", help="stage output directories (stage.json)")
     p.add_argument("--out", required=True, metavar="DIR", help="writes results.json, student.safetensors, plots")
     p.add_argument("--metrics", metavar="JSON", help="also write CA/ASR (and the verdict) for `dvc metrics`")
+    p.add_argument("--exit-zero", action="store_true", help="exit 0 on a rejected verdict (a DVC stage records it in "
+                   "--metrics and results.json instead of failing the pipeline)")
     cache_arg(p)
     common(p)

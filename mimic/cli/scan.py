@@ -43,4 +43,6 @@ def register(sub: Any) -> None:
     p.add_argument("--out", metavar="DIR", help="writes scan.json, trigger.npz, trigger.png, stage.json "
                    "(default: runs/scans/<fingerprint>)")
     p.add_argument("--cache", default="runs/cache", metavar="DIR", help="the stage cache (default: runs/cache)")
+    p.add_argument("--exit-zero", action="store_true", help="exit 0 when suspicious (a DVC stage records the evidence; "
+                   "`mimic results` judges)")
     common(p)

@@ -4,14 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mimic.errors import ConfigError
+from mimic.errors import check_config as _check
 
 PRUNE_METHODS = ("fineprune", "clp")
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
 
 
 @dataclass(frozen=True)
