@@ -236,11 +236,13 @@ def test_watch_command_once_then_on_a_schedule(pipeline_env, tiny_teachers, caps
     (incoming / "link.pt").symlink_to(outside / "secret.pt")
     (incoming / "notes.pt").write_text("TOPSECRET-inside\n")
     shutil.copy(tiny_teachers["clean"], incoming / "evil\nfailed: forged.pt")
-    common = ["--data", "synthetic", "--profile", "tiny", "--no-track", "--quiet", "--store", str(incoming / "store"),
+    scan = ["--set", "scan.steps=10", "--set", "scan.grid=1", "--set", "scan.probe_steps=5"]  # the watch is under test here
+    common = ["--data", "synthetic", "--profile", "tiny", "--no-track", "--quiet", *scan, "--store", str(incoming / "store"),
               "--out-root", str(incoming / "out"), "--cache", str(incoming / "cache"), "--ledger", str(incoming / "ledger")]
-    assert main(["watch", str(incoming), "--once", *common, "--json", "tick1.json"]) == 0
+    rc = main(["watch", str(incoming), "--once", *common, "--json", "tick1.json"])
     tick = json.loads(Path("tick1.json").read_text())
     assert [a["uri"] for a in tick["audited"]] == [str(incoming / "model-a.pt")] and tick["skipped"] == []
+    assert rc == (3 if tick["audited"][0]["verdict"] == "rejected" else 0)  # the gate's verdict is not under test here
     assert {Path(r["uri"]).name for r in tick["refused"]} == {"link.pt", "notes.pt", "evil\nfailed: forged.pt"}
     cap = capsys.readouterr()
     assert "1 audited, 0 already seen, 3 refused" in cap.out
