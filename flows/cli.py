@@ -133,9 +133,11 @@ def cmd_watch(args: argparse.Namespace) -> dict:
     config(args)  # a one-line error for bad parameters before orchestration starts
     check_source(args.data, "--data")
     check_source(args.eval_data, "--eval-data")
-    from flows.watch import tick_of, watch_flow
+    from flows.watch import excluded_prefixes, outputs_of, tick_of, watch_flow
 
-    kwargs = dict(location=args.location, data=args.data, settings=_settings(args), services=_services(args),
+    services = _services(args)
+    excluded_prefixes(args.location, outputs_of(services, args.ledger, args.out_root))  # refuse a self-feeding watch now
+    kwargs = dict(location=args.location, data=args.data, settings=_settings(args), services=services,
                   ledger=args.ledger, eval_data=args.eval_data, out_root=args.out_root, progress=False)
     if args.cron:
         return _serve_watch(args, watch_flow, kwargs)
@@ -146,18 +148,20 @@ def cmd_watch(args: argparse.Namespace) -> dict:
 
 
 def _print_tick(args: argparse.Namespace, res: dict) -> None:
+    from flows.watch import shown  # names and reasons with control characters escaped: one line each
+
     for a in res["audited"]:
         scan = a.get("scan") or {}
-        say(args, f"audited {a['uri']} ({a['fingerprint'][:12]}): {a['verdict']}, student CA {fmt(a['student_ca'])} "
+        say(args, f"audited {shown(a['uri'])} ({a['fingerprint'][:12]}): {a['verdict']}, student CA {fmt(a['student_ca'])} "
             f"ASR {fmt(a['student_asr'])}" + (f" ({a['asr_trigger']} trigger)" if a.get("asr_trigger") else "")
             + (f"; scan: teacher {scan.get('teacher')} (PL1 {a['teacher_pl1']:.4f}), student {scan.get('student')} "
                f"(PL1 {a['student_pl1']:.4f})" if a.get("teacher_pl1") is not None and a.get("student_pl1") is not None else ""))
     for a in res["skipped"]:
-        say(args, f"already audited: {a['uri']} ({a['fingerprint'][:12]})")
+        say(args, f"already audited: {shown(a['uri'])} ({a['fingerprint'][:12]})")
     for a in res["refused"]:
-        say(args, f"refused: {a['uri']}: {a['reason']}")
+        say(args, f"refused: {shown(a['uri'])}: {shown(a['reason'])}")
     for a in res["failed"]:
-        say(args, f"failed: {a['uri']}: {a['error']}")
+        say(args, f"failed: {shown(a['uri'])}: {shown(a['error'])}")
     say(args, f"{len(res['audited'])} audited, {len(res['skipped'])} already seen, {len(res['refused'])} refused, "
         f"{len(res['failed'])} failed")
 

@@ -3,10 +3,20 @@
 Each tick lists the candidates, fingerprints them (a file already seen with the same size and
 mtime/ETag is not reloaded), and audits every teacher fingerprint not audited before -- exactly
 once: the same weights under another name or format are recognised by their fingerprint. The
-ledger is a directory of small JSON files, one per fingerprint, claimed atomically, so two
-watchers (or a watcher and a CLI audit) never audit one teacher twice. A failed audit releases
-its claim (the next tick tries again); a refused file (unsafe or not an encoder) is recorded and
-reported once (a Failed ``admit-teacher`` task and the event ``mimic.audit.refused``).
+:class:`~flows.ledger.Ledger` records, per fingerprint, who audits it (a claim with an owner and a
+lease the owner keeps refreshing while it audits) or that it was audited; so two watchers (or a
+watcher and a CLI audit) never audit one teacher twice, and a claim left by a killed watcher is
+taken over on a later tick (its owner process is gone, or its lease ``timeouts.claim`` expired).
+A failed or interrupted audit releases its claim (the next tick tries again); a refused file
+(unsafe, not an encoder, an odd name, a symlink out of the watched folder) is recorded and
+reported once (a Failed ``admit-teacher`` task or a warning, and the event ``mimic.audit.refused``).
+
+The watch never feeds on itself: the store, ``out_root``, the ledger and the stage cache, when
+they lie inside the watched location, are excluded from the listing (a student is never taken for
+a new teacher); watching a location inside one of them is refused. Names are printed with control
+characters escaped (:func:`mimic.checkpoints.messages.printable`), so a newline in a file name
+cannot forge lines of ``mimic watch`` output or of the logs; refusals name the file and the
+reason, never its content.
 
 A tick ends ``Completed`` (its message counts what happened) or ``Failed`` when an audit failed;
 each audit is a subflow with its own state (``Completed``, ``Rejected``, ``Failed``).
@@ -14,7 +24,6 @@ each audit is a subflow with its own state (``Completed``, ``Rejected``, ``Faile
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -24,81 +33,94 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed
 
 from flows.audit import audit_flow, results_of
+from flows.ledger import Ledger
 from flows.params import AuditInput, Services, Settings
-from mimic.errors import CheckpointError, MimicError
+from mimic.checkpoints.messages import printable
+from mimic.errors import CheckpointError, ConfigError, MimicError
 from mimic.inputs import admit_teacher
-from mimic.io import write_json
+from mimic.store import DEFAULT_ROOT, open_store, parse_s3_uri
 from tasks.observe import emit
 from tasks.teacher import fetch_teacher
 
+__all__ = ["Ledger", "WatchFailed", "excluded_prefixes", "list_incoming", "outputs_of", "shown", "tick_of", "watch_flow"]
 log = logging.getLogger("mimic")
 SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors", ".bin")
 
 
-@task(name="list-incoming")
-def list_incoming(location: str, retries: int | None = None) -> list[dict]:
-    """Candidate checkpoints under ``location``: ``[{"uri", "name", "version"}]`` (version = size + mtime/ETag)."""
-    if location.startswith("s3://"):
-        from mimic.store import open_store
+def excluded_prefixes(location: str, outputs: dict[str, str | None]) -> list[str]:
+    """Key prefixes (relative to ``location``) of mimic's own outputs nested in the watched location.
 
-        store = open_store(location) if retries is None else open_store(location, retries=retries + 1)
-        return [{"uri": store.url(o["key"]), "name": o["key"], "version": f"{o['size']}:{o.get('etag') or o['modified']}"}
-                for o in store.list() if o["key"].lower().endswith(SUFFIXES)]
-    root = Path(location)
-    if not root.is_dir():
-        raise MimicError(f"{location}: not a directory or s3:// prefix to watch")
+    ``outputs`` names the store, ``--out-root``, the ledger and the stage cache (a local path or an
+    ``s3://`` URI; None is skipped). One nested in the watched location is *excluded* from the
+    listing (so a sanitized student, a cached file or a fetched teacher never becomes a new
+    teacher); a watched location inside (or equal to) one of them is refused with a ConfigError.
+    """
     out = []
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and p.suffix.lower() in SUFFIXES and not p.name.startswith("."):
-            st = p.stat()
-            out.append({"uri": str(p), "name": str(p.relative_to(root)), "version": f"{st.st_size}:{st.st_mtime_ns}"})
+    for what, where in outputs.items():
+        if not where:
+            continue
+        if location.startswith("s3://") or where.startswith("s3://"):
+            if not (location.startswith("s3://") and where.startswith("s3://")):
+                continue  # one local, one remote: they cannot overlap
+            (wb, wp), (ob, op) = parse_s3_uri(location), parse_s3_uri(where)
+            if wb != ob:
+                continue
+            watched, nested = (wp.strip("/") + "/").lstrip("/"), (op.strip("/") + "/").lstrip("/")
+        else:
+            watched, nested = os.path.realpath(location).rstrip("/") + "/", os.path.realpath(where).rstrip("/") + "/"
+        if watched.startswith(nested):
+            raise ConfigError(f"cannot watch {printable(location, 4096)}: it lies inside the {what} "
+                              f"{printable(where, 4096)}, so mimic would audit its own outputs")
+        if nested.startswith(watched):
+            out.append(nested[len(watched):])
     return out
 
 
-class Ledger:
-    """``DIR/seen/<fingerprint>.json`` (claimed with O_EXCL), ``DIR/files.json`` (uri+version -> fingerprint)."""
+@task(name="list-incoming")
+def list_incoming(location: str, retries: int | None = None, exclude: list[str] | tuple[str, ...] = ()) -> list[dict]:
+    """Candidate checkpoints under ``location``: ``[{"uri", "name", "version"}]`` (version = size + mtime/ETag).
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-        (self.root / "seen").mkdir(parents=True, exist_ok=True)
-        self._files_path = self.root / "files.json"
+    The listing is the store's (:meth:`mimic.store.Store.scan`), which judges each key on its own:
+    a key that is odd (a control character such as a newline, ``..``, ``//``, a backslash, mimic's
+    temporary prefix), a symlink leading out of the watched folder (never followed, never read)
+    or a symlinked folder comes back as ``{"uri", "name", "skipped": reason}`` (checkpoint names
+    and folders only), so the tick reports it once and goes on. Hidden files, other suffixes and
+    keys under ``exclude`` (prefixes from :func:`excluded_prefixes`) are left out silently.
+    """
+    if location.startswith("s3://"):
+        store = open_store(location) if retries is None else open_store(location, retries=retries + 1)
+    else:
+        if not Path(location).is_dir():
+            raise MimicError(f"{printable(location, 4096)}: not a directory or s3:// prefix to watch")
+        store = open_store(location)
+    listing = store.scan()
+    base = store.uri.rstrip("/")
+    out = []
+    for o in listing.objects:
+        key = o["key"]
+        if not any(key.startswith(p) for p in exclude) and _wanted(key):
+            out.append({"uri": store.url(key), "name": key, "version": f"{o['size']}:{o.get('etag') or o['modified']}"})
+    for s in listing.skipped:
+        if not any(s.key.startswith(p) for p in exclude) and (s.key.endswith("/") or _wanted(s.key)):
+            out.append({"uri": f"{base}/{s.key}", "name": s.key, "skipped": s.reason})
+    return out
 
-    def files(self) -> dict[str, dict]:
-        try:
-            return json.loads(self._files_path.read_text())
-        except (OSError, ValueError):
-            return {}
 
-    def remember(self, uri: str, version: str, info: dict) -> None:
-        files = self.files()
-        files[f"{uri}|{version}"] = info
-        write_json(self._files_path, files)
+def _wanted(key: str) -> bool:
+    name = key.rsplit("/", 1)[-1]
+    return not name.startswith(".") and name.lower().endswith(SUFFIXES)
 
-    def claim(self, fingerprint: str, uri: str) -> bool:
-        """True if this process now owns the audit of ``fingerprint`` (nobody claimed it before)."""
-        path = self.root / "seen" / f"{fingerprint}.json"
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
-            json.dump({"fingerprint": fingerprint, "uri": uri, "status": "auditing", "pid": os.getpid()}, f)
-        return True
 
-    def finish(self, fingerprint: str, record: dict) -> None:
-        write_json(self.root / "seen" / f"{fingerprint}.json", {"fingerprint": fingerprint, "status": "audited", **record})
+def shown(text: str) -> str:
+    """``text`` for one line of output or log: control characters (a newline in a file name) escaped."""
+    return printable(text, 1 << 16)
 
-    def release(self, fingerprint: str) -> None:
-        (self.root / "seen" / f"{fingerprint}.json").unlink(missing_ok=True)
 
-    def seen(self) -> dict[str, dict]:
-        out = {}
-        for p in sorted((self.root / "seen").glob("*.json")):
-            try:
-                out[p.stem] = json.loads(p.read_text())
-            except (OSError, ValueError):
-                out[p.stem] = {"status": "unreadable"}
-        return out
+def outputs_of(services: Services, ledger: str, out_root: str) -> dict[str, str | None]:
+    """mimic's own outputs of a watch (for :func:`excluded_prefixes`): store, out-root, ledger, cache."""
+    store = services.store or DEFAULT_ROOT
+    store = store if store.startswith("s3://") else open_store(store).uri  # a path or file:// URI
+    return {"store": store, "out-root": out_root, "ledger": ledger, "cache": services.cache}
 
 
 @task(name="admit-teacher", cache_policy=NO_CACHE)
@@ -122,14 +144,28 @@ def watch_flow(
     logger = get_run_logger()
     settings, services = settings or Settings(), services or Services()
     retries, root = services.network_retries, services.cache
-    book = Ledger(ledger)
-    limits = settings.config(data).limits
+    cfg = settings.config(data)
+    book = Ledger(ledger, lease_s=cfg.timeouts.claim)
+    limits = cfg.limits
     known = book.files()
     audited, skipped, refused, failed = [], [], [], []
-    for cand in list_incoming(location, retries):
-        memo = known.get(f"{cand['uri']}|{cand['version']}")
+
+    def refuse(cand: dict, version: str, reason: str) -> None:
+        reason = " ".join(reason.split())
+        logger.warning("%s: refused: %s", shown(cand["name"]), shown(reason))
+        emit("refused", None, cand["uri"], {"reason": reason})
+        book.remember(cand["uri"], version, {"refused": reason})
+        refused.append({"uri": cand["uri"], "reason": reason})
+
+    exclude = excluded_prefixes(location, outputs_of(services, ledger, out_root))
+    for cand in list_incoming(location, retries, exclude):
+        version = "skipped" if "skipped" in cand else cand["version"]
+        memo = known.get(f"{cand['uri']}|{version}")
         if memo is not None and memo.get("refused"):
             continue  # reported when first seen
+        if "skipped" in cand:
+            refuse(cand, version, cand["skipped"])
+            continue
         if memo is not None:
             fp = memo["fingerprint"]
         else:
@@ -138,23 +174,25 @@ def watch_flow(
             try:
                 fp = state.result()
             except CheckpointError as exc:
-                logger.warning("%s: refused: %s", cand["name"], exc)
-                emit("refused", None, cand["uri"], {"reason": str(exc)})
-                book.remember(cand["uri"], cand["version"], {"refused": str(exc)})
-                refused.append({"uri": cand["uri"], "reason": str(exc)})
+                refuse(cand, version, str(exc))
                 continue
-            book.remember(cand["uri"], cand["version"], {"fingerprint": fp})
+            book.remember(cand["uri"], version, {"fingerprint": fp})
         if not book.claim(fp, cand["uri"]):
             skipped.append({"uri": cand["uri"], "fingerprint": fp})
             continue
         try:
-            res = results_of(audit_flow(AuditInput(teacher=cand["uri"], data=data, eval_data=eval_data), settings, services,
-                                        out=str(Path(out_root) / fp[:12]), progress=progress, return_state=True))
+            with book.holding(fp):
+                res = results_of(audit_flow(AuditInput(teacher=cand["uri"], data=data, eval_data=eval_data), settings,
+                                            services, out=str(Path(out_root) / fp[:12]), progress=progress, return_state=True))
         except Exception as exc:  # noqa: BLE001 - one bad teacher must not stop the tick
             book.release(fp)
-            logger.error("%s: audit failed: %s", cand["name"], " ".join(str(exc).split()))
-            failed.append({"uri": cand["uri"], "fingerprint": fp, "error": " ".join(str(exc).split())})
+            error = " ".join(str(exc).split())
+            logger.error("%s: audit failed: %s", shown(cand["name"]), shown(error))
+            failed.append({"uri": cand["uri"], "fingerprint": fp, "error": error})
             continue
+        except BaseException:  # Ctrl-C, SystemExit: the claim goes now, not when its lease runs out
+            book.release(fp)
+            raise
         record = {"uri": cand["uri"], "verdict": res["verdict"]["verdict"], "results": str(Path(res["out"]) / "results.json"),
                   **{k: res[k] for k in ("teacher_ca", "teacher_asr", "student_ca", "student_asr", "teacher_pl1", "student_pl1")},
                   "scan": {who: rec["verdict"] for who, rec in res.get("scan", {}).items()}, "asr_trigger": res["trigger"]["source"]}

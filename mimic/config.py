@@ -186,9 +186,10 @@ class TimeoutsConfig:
 
     lock: float  # waiting for another process working on the same stage and key
     stage: float  # one heavy stage (MI, distillation, evaluation) run as a Prefect task
+    claim: float  # lease of a watch claim: not refreshed for this long, another watcher takes it over (flows/ledger.py)
 
     def __post_init__(self) -> None:
-        _check(self.lock >= 0 and self.stage >= 0, "timeouts.* must be >= 0 seconds (0 = no limit)")
+        _check(self.lock >= 0 and self.stage >= 0 and self.claim >= 0, "timeouts.* must be >= 0 seconds (0 = no limit)")
 
 
 @dataclass(frozen=True)

@@ -225,20 +225,46 @@ def test_watch_audits_each_fingerprint_once(pipeline_env, tiny_teachers):
 
 
 def test_watch_command_once_then_on_a_schedule(pipeline_env, tiny_teachers, capsys):
+    """Also: its outputs inside the watched folder are never taken for teachers (a planted copy of a
+    good teacher in each is not audited, nor is the student the first tick stores there); a symlink
+    out of the folder, a text file and a name with a newline are each refused once, with a reason
+    that never quotes their content, and the newline cannot forge an output line."""
     from mimic.cli import main
 
-    incoming = pipeline_env / "incoming"
+    incoming, outside = pipeline_env / "incoming", pipeline_env / "outside"
     incoming.mkdir()
+    outside.mkdir()
     shutil.copy(tiny_teachers["teacher"], incoming / "model-a.pt")
-    common = ["--data", "synthetic", "--profile", "tiny", "--no-track", "--quiet", *open_gate_args()]
-    assert main(["watch", str(incoming), "--once", *common, "--json", "tick1.json"]) == 0
-    assert len(json.loads(Path("tick1.json").read_text())["audited"]) == 1
-    assert "1 audited" in capsys.readouterr().out
-    # no Prefect server configured: --cron ticks here (first tick at once); nothing new to audit
+    for nested in ("store", "out", "cache", "ledger"):  # a good teacher planted in each of mimic's own outputs
+        (incoming / nested / "old").mkdir(parents=True)
+        shutil.copy(tiny_teachers["clean"], incoming / nested / "old" / "planted.pt")
+    (outside / "secret.pt").write_text("TOPSECRET-outside\n")
+    (incoming / "link.pt").symlink_to(outside / "secret.pt")
+    (incoming / "notes.pt").write_text("TOPSECRET-inside\n")
+    shutil.copy(tiny_teachers["clean"], incoming / "evil\nfailed: forged.pt")
+    common = ["--data", "synthetic", "--profile", "tiny", "--no-track", "--quiet", *open_gate_args(), "--store", str(incoming / "store"),
+              "--out-root", str(incoming / "out"), "--cache", str(incoming / "cache"), "--ledger", str(incoming / "ledger")]
+    rc = main(["watch", str(incoming), "--once", *common, "--json", "tick1.json"])
+    tick = json.loads(Path("tick1.json").read_text())
+    assert [a["uri"] for a in tick["audited"]] == [str(incoming / "model-a.pt")] and tick["skipped"] == []
+    assert rc == 0 and tick["audited"][0]["verdict"] == "sanitized"  # the gate is opened: the watch is under test here
+    assert {Path(r["uri"]).name for r in tick["refused"]} == {"link.pt", "notes.pt", "evil\nfailed: forged.pt"}
+    cap = capsys.readouterr()
+    assert "1 audited, 0 already seen, 3 refused" in cap.out
+    assert not any(line.startswith("failed: forged") for line in cap.out.splitlines()), cap.out
+    assert "evil\\nfailed: forged.pt" in cap.out  # printed escaped, on its own line
+    ledger_text = "".join(p.read_text() for p in (incoming / "ledger").rglob("*.json"))
+    for text in (cap.out, cap.err, ledger_text, Path("tick1.json").read_text()):
+        assert "TOPSECRET" not in text
+    assert list((incoming / "store").rglob("*.safetensors")) or list((incoming / "out").rglob("*.safetensors"))
+    # no Prefect server configured: --cron ticks here (first tick at once); nothing new to audit: not the
+    # student just stored inside the watched folder, and the refused files are not reported again
     assert main(["watch", str(incoming), "--cron", "*/5 * * * *", "--max-ticks", "1", *common]) == 0
-    assert "0 audited, 1 already seen" in capsys.readouterr().out
+    assert "0 audited, 1 already seen, 0 refused, 0 failed" in capsys.readouterr().out
     assert main(["watch", str(incoming), "--cron", "every minute", *common]) == 2
     assert "not a cron expression" in capsys.readouterr().err
+    assert main(["watch", str(incoming / "store"), "--once", *common]) == 2  # would audit its own students
+    assert "inside the store" in capsys.readouterr().err
 
 
 def test_refused_teacher_ends_failed_with_the_reason_and_an_event(pipeline_env):
