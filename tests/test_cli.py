@@ -59,7 +59,12 @@ def test_audit_of_research_layout_checkpoint_end_to_end(tiny_encoder, pipeline_e
     again = json.loads((tmp_path / "r2.json").read_text())
     assert rc == (0 if again["verdict"]["passed"] else 3) and all(again["cached"].values()), again["cached"]
     assert again["student"]["fingerprint"] == res["student"]["fingerprint"]
-    assert again["mlflow"]["run_id"] == res["mlflow"]["run_id"]
+    # every audit is its own MLflow run (the record that it happened), tagged with the same audit key
+    import mlflow
+
+    runs = [mlflow.MlflowClient().get_run(r["mlflow"]["run_id"]) for r in (res, again)]
+    assert runs[0].info.run_id != runs[1].info.run_id and {r.info.status for r in runs} == {"FINISHED"}
+    assert {r.data.tags["mimic.audit_key"] for r in runs} == {res["audit_key"]} and again["audit_key"] == res["audit_key"]
 
 
 def _check_logged_student(run_id: str, student) -> None:

@@ -81,7 +81,9 @@ def _events(prefix: str, fingerprint: str) -> list:
     return page.events
 
 
-def _wait_events(prefix: str, fingerprint: str, n: int) -> list:
+def _wait_events(prefix: str, fingerprint: str, n: int, where=lambda e: True) -> list:
+    """The events about ``fingerprint`` under ``prefix`` that satisfy ``where``, once ``n`` have arrived
+    (other tests share the Prefect server: a watch tick's refusals are about "unknown" too)."""
     import time
 
     deadline = time.monotonic() + 60
@@ -89,7 +91,7 @@ def _wait_events(prefix: str, fingerprint: str, n: int) -> list:
         from prefect.events.worker import EventsWorker
 
         EventsWorker.drain_all(timeout=10)
-        events = _events(prefix, fingerprint)
+        events = [e for e in _events(prefix, fingerprint) if where(e)]
         if len(events) >= n or time.monotonic() > deadline:
             return events
         time.sleep(0.5)
@@ -163,8 +165,9 @@ def test_audit_services_pass_then_reject_then_fail(pipeline_env, tiny_teachers, 
     assert {"trigger.png", "student-trigger.png"} <= artifacts
 
     # a stricter gate: Rejected state, quarantine/, a run with the student logged but no new version
-    assert res["student_asr"] > 0, "precondition: the tiny student keeps some ASR"
-    strict, sstate = _audit(tiny_teachers["teacher"], *OPEN_GATE, f"gate.max_asr={res['student_asr'] / 2}", services=svc)
+    worst = res["worst_case"]["student_asr"]
+    assert worst > 0, "precondition: the tiny student keeps some ASR on some probe"
+    strict, sstate = _audit(tiny_teachers["teacher"], *OPEN_GATE, f"gate.max_asr={worst / 2}", services=svc)
     assert sstate.type.value == "FAILED" and sstate.name == "Rejected" and "ASR" in sstate.message
     assert all(strict["cached"][k] for k in HEAVY)  # only the gate changed: nothing heavy re-ran
     assert strict["store"]["student_uri"].startswith(f"s3://{s3_env}/mimic/quarantine/{fp}/{strict['audit_key']}/")
@@ -280,5 +283,5 @@ def test_refused_teacher_ends_failed_with_the_reason_and_an_event(pipeline_env):
         runs = client.read_flow_runs(limit=200)
     failed = [r for r in runs if r.state.is_failed() and str(refused.value).split(":")[0] in (r.state.message or "")]
     assert failed, [(r.name, r.state.message) for r in runs]
-    events = _wait_events("mimic.audit.refused", "unknown", 1)
+    events = _wait_events("mimic.audit.refused", "unknown", 1, lambda e: e.resource["prefect.resource.name"] == str(evil))
     assert any(e.resource["prefect.resource.name"] == str(evil) and str(refused.value) in e.payload["reason"] for e in events)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import jsonschema
-from services import open_gate_args
+from services import OPEN_GATE, open_gate_args
 import pytest
 
 from mimic.cli import main
@@ -56,7 +56,7 @@ def test_all_fronts_write_results_that_validate_against_one_schema(pipeline_env,
     from flows.params import AuditInput, Services, Settings
 
     flow = valid(audit_flow(AuditInput(teacher=teacher, data="synthetic"),
-                            Settings(profile="tiny", overrides=["gate.max_ca_drop=100", "gate.max_asr=100"]),
+                            Settings(profile="tiny", overrides=list(OPEN_GATE)),
                             Services(track=False), out=str(tmp / "flow"), progress=False))
     assert flow["stages"] == {k: {**v, "cached": True, "seconds": 0.0} for k, v in audit["stages"].items()}
     assert flow["audit_key"] == audit["audit_key"] and flow["student"]["fingerprint"] == audit["student"]["fingerprint"]

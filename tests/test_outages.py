@@ -11,6 +11,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+from services import OPEN_GATE
 
 from mimic.errors import StoreUnavailable, TrackingUnavailable
 
@@ -19,7 +20,7 @@ def _audit(teacher: Path, out: str, **services):
     from flows.audit import audit_flow
     from flows.params import AuditInput, Services, Settings
 
-    return audit_flow(AuditInput(teacher=str(teacher), data="synthetic"), Settings(profile="tiny"),
+    return audit_flow(AuditInput(teacher=str(teacher), data="synthetic"), Settings(profile="tiny", overrides=list(OPEN_GATE)),
                       Services(network_retries=0, **services), out=out, progress=False)
 
 
@@ -95,6 +96,7 @@ def test_mlflow_down_then_back(pipeline_env, tiny_teachers, monkeypatch):
 CONCURRENT = """
 import json, sys
 from mimic.cache import StageCache
+from mimic.config import load_config
 from mimic.inputs import admit_teacher, clean_subset, clean_version, load_data
 from mimic.stages.distill import plan_distill
 from mimic.stages.mi import plan_mi, weights_of

@@ -109,7 +109,9 @@ def test_report_shows_verdict_scores_plots_and_lineage_in_chromium(audited, tmp_
         assert facts["verdict"] == res["verdict"]["verdict"]
         assert res["teacher"]["fingerprint"] in facts["text"] and res["audit_key"] in facts["text"]
         assert f"{res['student_ca']:.1f}" in facts["text"]
-        assert {i["id"] for i in facts["images"]} == {"mi-img", "losses-img"} and all(i["ok"] for i in facts["images"]), facts
+        # every audit scans the teacher: its inverted trigger is shown next to the MI and loss plots
+        assert {i["id"] for i in facts["images"]} == {"mi-img", "losses-img", "trigger-img"}, facts
+        assert all(i["ok"] for i in facts["images"]), facts
         shot = browser.screenshot()
         colors = shot.getcolors(maxcolors=1 << 20)
         assert colors is not None and len(colors) > 50, "screenshot is blank"
