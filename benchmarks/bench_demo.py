@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_demo.py [--seeds 0 1 2 3 4] [--threads 1 2] [--data synthetic]
         [--set KEY=VALUE ...] [--out bench-results/demo] [--json bench-results/demo.json] [--markdown FILE]
-        [--readme README.md] [--cores N]
+        [--readme README.md] [--cores N] [--from-json A.json ...]
 
 Each cell is one `mimic demo --set seed=S --threads T` in its own process and output directory
 (the stage cache is per directory, so no cell reuses another's models; a rerun of the same cell
@@ -138,12 +138,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default="bench-results/demo.json")
     ap.add_argument("--markdown", help="also write the table here")
     ap.add_argument("--readme", type=Path, help="replace the demo-grid block of this file with the table")
+    ap.add_argument("--from-json", nargs="+", metavar="JSON", help="tabulate the cells of earlier --json files instead of running")
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 1,
                     help="run cells side by side while their threads fit in this many cores (default: all)")
     args = ap.parse_args(argv)
-    grid = [(seed, threads) for seed in args.seeds for threads in args.threads]
-    cells = run_grid(grid, args.cores, lambda st: run_cell(st[0], st[1], args.data, args.sets,
-                                                          Path(args.out) / f"seed{st[0]}-t{st[1]}"))
+    if args.from_json:  # the table (and README block) of earlier runs, without running anything
+        earlier = [json.loads(Path(p).read_text()) for p in args.from_json]
+        cells = [c for e in earlier for c in e["cells"]]
+        args.seeds, args.threads = sorted({c["seed"] for c in cells}), sorted({c["threads"] for c in cells})
+        args.data, args.sets = earlier[0]["data"], earlier[0]["sets"]
+    else:
+        grid = [(seed, threads) for seed in args.seeds for threads in args.threads]
+        cells = run_grid(grid, args.cores, lambda st: run_cell(st[0], st[1], args.data, args.sets,
+                                                              Path(args.out) / f"seed{st[0]}-t{st[1]}"))
     summ = summary(cells)
     text = table(cells, summ)
     print(text)

@@ -104,6 +104,9 @@ def test_audit_services_pass_then_reject_then_fail(pipeline_env, tiny_teachers, 
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
+    from datetime import datetime, timezone
+
+    started = datetime.now(timezone.utc)  # the events of this test's audits (other tests audit the same teacher)
     s3 = boto3.client("s3")
     s3.put_bucket_versioning(Bucket=s3_env, VersioningConfiguration={"Status": "Enabled"})
     store = f"s3://{s3_env}/mimic"
@@ -194,7 +197,7 @@ def test_audit_services_pass_then_reject_then_fail(pipeline_env, tiny_teachers, 
     kinds = {a.key: a.type for a in arts}
     assert kinds == {f"audit-{fp[:12]}": "table", f"audit-{fp[:12]}-report": "markdown"}
     assert any("data:image/png;base64," in str(a.data) for a in arts if a.type == "markdown")
-    events = _wait_events("mimic.audit.", fp, 3)
+    events = _wait_events("mimic.audit.", fp, 3, lambda e: e.occurred >= started)
     assert sorted(e.event for e in events) == ["mimic.audit.failed", "mimic.audit.rejected", "mimic.audit.sanitized"]
     passed_event = next(e for e in events if e.event == "mimic.audit.sanitized")
     assert passed_event.payload["student_uri"] == res["store"]["student_uri"]

@@ -67,7 +67,10 @@ def test_all_fronts_write_results_that_validate_against_one_schema(pipeline_env,
                  *common]) == 0
     assert main(["evaluate", "--encoder", f"teacher={teacher}", "--encoder", f"student={tmp / 'r' / 'st' / 'student.pt'}",
                  "--trigger", teacher, "--out", str(tmp / "r" / "eval"), *common]) == 0
-    rc = main(["results", "--teacher", teacher, "--stages", *(str(tmp / "r" / d) for d in ("mi", "st", "eval/teacher", "eval/student")),
+    for who, enc in (("teacher", teacher), ("student", str(tmp / "r" / "st" / "student.pt"))):
+        assert main(["scan", enc, "--out", str(tmp / "r" / f"scan-{who}"), "--exit-zero", *common]) == 0
+    rc = main(["results", "--teacher", teacher, "--stages", *(str(tmp / "r" / d) for d in ("scan-teacher", "mi", "st", "scan-student",
+                                                                                           "eval/teacher", "eval/student")),
                "--out", str(tmp / "r" / "audit"), "--metrics", str(tmp / "r" / "metrics.json"), *common, *LENIENT])
     dvc = valid(json.loads((tmp / "r" / "audit" / "results.json").read_text()))
     assert rc == 0 and all(dvc["cached"].values())
@@ -75,7 +78,7 @@ def test_all_fronts_write_results_that_validate_against_one_schema(pipeline_env,
     assert {k: v["key"] for k, v in dvc["stages"].items()} == {k: v["key"] for k, v in audit["stages"].items()}
     assert dvc["student"]["fingerprint"] == audit["student"]["fingerprint"]
     assert set(json.loads((tmp / "r" / "metrics.json").read_text())) == {
-        "verdict", "teacher_ca", "teacher_asr", "student_ca", "student_asr", "probes"}
+        "verdict", "teacher_ca", "teacher_asr", "student_ca", "student_asr", "teacher_pl1", "student_pl1", "probes"}
 
 
 def test_results_refuses_stale_stage_outputs(pipeline_env, tiny_teachers):
