@@ -48,14 +48,20 @@ class AuditRejected(Exception):
         self.results = results
 
 
-def results_of(state: Any) -> dict:
-    """The results dict of a finished audit flow run's state (a rejected one too); raises its error."""
+def payload_of(state: Any, carrier: type[BaseException], attr: str) -> dict:
+    """The dict a finished flow run returned, also when it failed with ``carrier`` (an exception that
+    carries it as ``attr``, so the run ends Failed in Prefect yet its result is kept); raises any other error."""
     data = state.result(raise_on_failure=False)
-    if isinstance(data, AuditRejected):
-        return data.results
+    if isinstance(data, carrier):
+        return getattr(data, attr)
     if isinstance(data, BaseException):
         raise data
     return data
+
+
+def results_of(state: Any) -> dict:
+    """The results dict of a finished audit flow run's state (a rejected one too); raises its error."""
+    return payload_of(state, AuditRejected, "results")
 
 
 def _one_line(exc: BaseException) -> str:

@@ -32,7 +32,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed
 
-from flows.audit import audit_flow, results_of
+from flows.audit import audit_flow, payload_of, results_of
 from flows.ledger import Ledger
 from flows.params import AuditInput, Services, Settings
 from mimic.checkpoints.messages import printable
@@ -217,9 +217,4 @@ class WatchFailed(Exception):
 
 def tick_of(state) -> dict:
     """What a watch tick did, from its final state (a failed tick too); raises any other error."""
-    data = state.result(raise_on_failure=False)
-    if isinstance(data, WatchFailed):
-        return data.tick
-    if isinstance(data, BaseException):
-        raise data
-    return data
+    return payload_of(state, WatchFailed, "tick")

@@ -94,17 +94,17 @@ def test_editing_one_stage_changes_only_its_key(monkeypatch, tmp_path):
 
 
 def test_keys_cover_what_changes_results_and_only_that():
-    base = load_config(profile="tiny")
+    base = load_config(profile="tiny", sets=["precision=fp32"])  # not auto: auto is bf16 on CPUs with AVX512-BF16
     inputs = {"teacher": "t", "clean": "c"}
     key = identity.stage_key
     assert key("distill", base, inputs) != key("distill", load_config(profile="tiny", sets=["precision=bf16"]), inputs)
     assert key("distill", base, inputs) != key("distill", base, {**inputs, "teacher": "u"})
-    assert key("distill", base, inputs) != key("distill", load_config(profile="tiny", sets=["distill.lr=0.5"]), inputs)
+    assert key("distill", base, inputs) != key("distill", load_config(profile="tiny", sets=["precision=fp32", "distill.lr=0.5"]), inputs)
     # params another stage reads, and the gate, do not touch this stage's key
     for s in ("mi.epochs=9", "evaluate.epochs=3", "gate.max_asr=50", "timeouts.lock=5"):
-        assert key("distill", base, inputs) == key("distill", load_config(profile="tiny", sets=[s]), inputs), s
+        assert key("distill", base, inputs) == key("distill", load_config(profile="tiny", sets=["precision=fp32", s]), inputs), s
     # the resume lineage ignores the epoch count only
-    longer = load_config(profile="tiny", sets=["distill.epochs=9"])
+    longer = load_config(profile="tiny", sets=["precision=fp32", "distill.epochs=9"])
     assert key("distill", base, inputs) != key("distill", longer, inputs)
     assert identity.lineage_key("distill", base, inputs) == identity.lineage_key("distill", longer, inputs)
     assert identity.runtime_identity(load_config(sets=["precision=bf16"])) == {"device": "cpu", "precision": "bfloat16"}

@@ -13,14 +13,15 @@ from pathlib import Path
 
 import torch
 
+from torch import Tensor
+
 from mimic.attacks.common import features
-from mimic.augment import random_flip
 from mimic.config import AttackConfig
-from mimic.data import ImageSet, batches, require_size, to_float
-from mimic.encoders import Encoder, bn_eval, freeze
+from mimic.data import ImageSet, require_size, to_float
+from mimic.encoders import Encoder, freeze
+from mimic.finetune import fine_tune
 from mimic.losses import badencoder_loss
-from mimic.runtime import autocast
-from mimic.training import LoopResult, MeanMeter, check_finite, run_epochs
+from mimic.training import LoopResult
 from mimic.triggers import Trigger
 
 
@@ -44,40 +45,14 @@ def badencoder(
     shadow_clean = features(clean, shadow.x, device)
     ref = to_float(reference, device)
     ref_clean = features(clean, reference, device)
-    model = copy.deepcopy(clean_encoder).to(device)
-    model.requires_grad_(True)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    batch_size = min(cfg.batch_size, len(shadow))
 
-    def epoch_fn(epoch: int, g: torch.Generator) -> dict[str, float]:
-        model.apply(bn_eval)
-        meter = MeanMeter()
-        for step, idx in enumerate(batches(len(shadow), batch_size, g)):
-            x = to_float(shadow.x[idx], device)
-            x = random_flip(x, g)
-            with autocast(device, amp_dtype):
-                f = model(torch.cat([x, trigger.stamp(x, g), ref]))
-                n = len(idx)
-                f_x, f_t, f_r = f[:n], f[n : 2 * n], f[2 * n :]
-                loss, parts = badencoder_loss(
-                    f_t, f_r, ref_clean, f_x, shadow_clean[idx.to(shadow_clean.device)], cfg.lambda_reference, cfg.lambda_clean
-                )
-            check_finite(loss, "attack", epoch, step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            meter.add({"loss": float(loss.detach()), **parts}, len(idx))
-        return meter.means()
+    def step_loss(model: Encoder, x: Tensor, idx: Tensor, epoch: int, g: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        f = model(torch.cat([x, trigger.stamp(x, g), ref]))
+        n = len(idx)
+        f_x, f_t, f_r = f[:n], f[n : 2 * n], f[2 * n :]
+        return badencoder_loss(f_t, f_r, ref_clean, f_x, shadow_clean[idx.to(shadow_clean.device)], cfg.lambda_reference,
+                               cfg.lambda_clean)
 
-    result = run_epochs(
-        "badencoder",
-        modules={"encoder": model},
-        optimizer=optimizer,
-        epochs=cfg.epochs,
-        seed=seed,
-        work_dir=work_dir,
-        key=key,
-        epoch_fn=epoch_fn,
-        progress=progress,
-    )
-    return freeze(model).cpu(), result
+    return fine_tune("badencoder", clean_encoder, shadow, step_loss, lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs,
+                     seed=seed, work_dir=work_dir, key=key, device=device, amp_dtype=amp_dtype, progress=progress,
+                     drop_last=False)

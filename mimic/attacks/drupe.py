@@ -45,13 +45,12 @@ from torch import Tensor
 
 from mimic.attacks.common import features
 from mimic.attacks.config import DrupeConfig
-from mimic.augment import random_flip
 from mimic.config import AttackConfig
-from mimic.data import ImageSet, batches, require_size, to_float
-from mimic.encoders import Encoder, bn_eval, freeze
+from mimic.data import ImageSet, require_size, to_float
+from mimic.encoders import Encoder, freeze
+from mimic.finetune import fine_tune
 from mimic.losses import mean_pairwise_cosine
-from mimic.runtime import autocast
-from mimic.training import LoopResult, MeanMeter, check_finite, run_epochs
+from mimic.training import LoopResult
 from mimic.triggers import Trigger
 
 
@@ -108,30 +107,12 @@ def drupe(
     shadow_clean = features(clean, shadow.x, device)
     ref = to_float(reference, device)
     ref_clean = features(clean, reference, device)
-    model = copy.deepcopy(clean_encoder).to(device)
-    model.requires_grad_(True)
-    optimizer = torch.optim.Adam(model.parameters(), lr=a.lr)
-    batch_size = min(a.batch_size, len(shadow))
 
-    def epoch_fn(epoch: int, g: torch.Generator) -> dict[str, float]:
-        model.apply(bn_eval)
-        meter = MeanMeter()
-        for step, idx in enumerate(batches(len(shadow), batch_size, g, drop_last=len(shadow) >= 2 * batch_size)):
-            if len(idx) < 2:
-                continue
-            x = random_flip(to_float(shadow.x[idx], device), g)
-            with autocast(device, amp_dtype):
-                f = model(torch.cat([x, trigger.stamp(x, g), ref]))
-                n = len(idx)
-                loss, parts = drupe_loss(f[n : 2 * n], f[2 * n :], ref_clean, f[:n], shadow_clean[idx.to(shadow_clean.device)],
-                                         a, d, distribution=epoch >= d.warmup_epochs, g=g)
-            check_finite(loss, "drupe", epoch, step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            meter.add({"loss": float(loss.detach()), **parts}, len(idx))
-        return meter.means()
+    def step_loss(model: Encoder, x: Tensor, idx: Tensor, epoch: int, g: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        f = model(torch.cat([x, trigger.stamp(x, g), ref]))
+        n = len(idx)
+        return drupe_loss(f[n : 2 * n], f[2 * n :], ref_clean, f[:n], shadow_clean[idx.to(shadow_clean.device)],
+                          a, d, distribution=epoch >= d.warmup_epochs, g=g)
 
-    result = run_epochs("drupe", modules={"encoder": model}, optimizer=optimizer, epochs=a.epochs, seed=seed,
-                        work_dir=work_dir, key=key, epoch_fn=epoch_fn, progress=progress)
-    return freeze(model).cpu(), result
+    return fine_tune("drupe", clean_encoder, shadow, step_loss, lr=a.lr, batch_size=a.batch_size, epochs=a.epochs, seed=seed,
+                     work_dir=work_dir, key=key, device=device, amp_dtype=amp_dtype, progress=progress, min_batch=2)

@@ -29,13 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mimic.augment import random_flip
 from mimic.data import ImageSet, batches, require_size, to_float
 from mimic.defenses.config import PruneConfig
-from mimic.encoders import Encoder, bn_eval, evaluating, freeze
+from mimic.encoders import Encoder, evaluating, freeze
 from mimic.errors import ConfigError
-from mimic.runtime import autocast
-from mimic.training import LoopResult, MeanMeter, check_finite, run_epochs
+from mimic.finetune import fine_tune
+from mimic.training import LoopResult
 
 Pruned = dict[str, list[int]]  # BatchNorm module path -> pruned channel indices
 
@@ -88,34 +87,21 @@ def fine_prune(
     frozen = freeze(copy.deepcopy(teacher)).to(device)
     channels = dormant_channels(frozen, clean, cfg.ratio, device)
     pruned = {path: channels for path in _last_stage_norms(teacher)}
-    model = copy.deepcopy(teacher).to(device)
-    zero_channels(model, pruned)
-    model.requires_grad_(True)
     keep = torch.ones(teacher.feature_dim, device=device)
     keep[channels] = 0.0
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    batch_size = min(cfg.batch_size, len(clean))
 
-    def epoch_fn(epoch: int, g: torch.Generator) -> dict[str, float]:
-        model.apply(bn_eval)
-        meter = MeanMeter()
-        for step, idx in enumerate(batches(len(clean), batch_size, g, drop_last=len(clean) >= 2 * batch_size)):
-            x = random_flip(to_float(clean.x[idx], device), g)
-            with autocast(device, amp_dtype):
-                with torch.no_grad():
-                    target = frozen(x).float() * keep
-                loss = -F.cosine_similarity(model(x).float() * keep, target, dim=1).mean()
-            check_finite(loss, "prune", epoch, step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            zero_channels(model, pruned)  # pruned channels stay pruned
-            meter.add({"loss": float(loss.detach())}, len(idx))
-        return meter.means()
+    def step_loss(model: Encoder, x: Tensor, idx: Tensor, epoch: int, g: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        with torch.no_grad():
+            target = frozen(x).float() * keep
+        return -F.cosine_similarity(model(x).float() * keep, target, dim=1).mean(), {}
 
-    result = run_epochs("fineprune", modules={"encoder": model}, optimizer=optimizer, epochs=cfg.epochs, seed=seed,
-                        work_dir=work_dir, key=key, epoch_fn=epoch_fn, progress=progress)
-    return freeze(model).cpu(), pruned, result
+    def stay_pruned(model: Encoder) -> None:
+        zero_channels(model, pruned)
+
+    model, result = fine_tune("fineprune", teacher, clean, step_loss, lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs,
+                              seed=seed, work_dir=work_dir, key=key, device=device, amp_dtype=amp_dtype, progress=progress,
+                              prepare=stay_pruned, after_step=stay_pruned)
+    return model, pruned, result
 
 
 def channel_lipschitz(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tensor:

@@ -23,12 +23,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mimic.augment import random_flip
-from mimic.data import ImageSet, batches, require_size, to_float
+from torch import Tensor
+
+from mimic.data import ImageSet, require_size
 from mimic.defenses.config import UnlearnConfig
-from mimic.encoders import Encoder, bn_eval, freeze
-from mimic.runtime import autocast
-from mimic.training import LoopResult, MeanMeter, check_finite, run_epochs
+from mimic.encoders import Encoder, freeze
+from mimic.finetune import fine_tune
+from mimic.training import LoopResult
 from mimic.triggers import Trigger
 
 
@@ -48,31 +49,15 @@ def unlearn(
     """Return the unlearned copy of ``teacher`` (CPU, eval); ``teacher`` itself is not modified."""
     require_size(clean, 2, "clean set")
     frozen = freeze(copy.deepcopy(teacher)).to(device)
-    model = copy.deepcopy(teacher).to(device)
-    model.requires_grad_(True)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    batch_size = min(cfg.batch_size, len(clean))
 
-    def epoch_fn(epoch: int, g: torch.Generator) -> dict[str, float]:
-        model.apply(bn_eval)
-        meter = MeanMeter()
-        for step, idx in enumerate(batches(len(clean), batch_size, g, drop_last=len(clean) >= 2 * batch_size)):
-            x = random_flip(to_float(clean.x[idx], device), g)
-            with autocast(device, amp_dtype):
-                with torch.no_grad():
-                    target = frozen(x).float()
-                f = model(torch.cat([x, trigger.stamp(x, g)])).float()
-                n = len(idx)
-                forget = -F.cosine_similarity(f[n:], target, dim=1).mean()
-                keep = -F.cosine_similarity(f[:n], target, dim=1).mean()
-                loss = forget + cfg.lambda_keep * keep
-            check_finite(loss, "unlearn", epoch, step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            meter.add({"loss": float(loss.detach()), "unlearn": float(forget.detach()), "keep": float(keep.detach())}, n)
-        return meter.means()
+    def step_loss(model: Encoder, x: Tensor, idx: Tensor, epoch: int, g: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        with torch.no_grad():
+            target = frozen(x).float()
+        f = model(torch.cat([x, trigger.stamp(x, g)])).float()
+        n = len(idx)
+        forget = -F.cosine_similarity(f[n:], target, dim=1).mean()
+        keep = -F.cosine_similarity(f[:n], target, dim=1).mean()
+        return forget + cfg.lambda_keep * keep, {"unlearn": float(forget.detach()), "keep": float(keep.detach())}
 
-    result = run_epochs("unlearn", modules={"encoder": model}, optimizer=optimizer, epochs=cfg.epochs, seed=seed,
-                        work_dir=work_dir, key=key, epoch_fn=epoch_fn, progress=progress)
-    return freeze(model).cpu(), result
+    return fine_tune("unlearn", teacher, clean, step_loss, lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs, seed=seed,
+                     work_dir=work_dir, key=key, device=device, amp_dtype=amp_dtype, progress=progress)
