@@ -134,7 +134,8 @@ def audit_flow(audit: AuditInput, settings: Settings | None = None, services: Se
             live = LiveRun(ids["run_id"])
             logger.info("MLflow run %s (%s)", ids["run_id"], ids["tracking_uri"])
         cache = StageCache(root, lock_timeout=cfg.timeouts.lock or None)
-        runner = _observed(prefect_runner(cache, timeout_seconds=cfg.timeouts.stage or None), live)
+        runner = _observed(prefect_runner(cache, timeout_seconds=cfg.timeouts.stage or None,
+                                                slot_limit=services.accelerator_limit), live)
         results = run_audit(cfg, req, root=root, out_dir=out, inputs=x, progress=progress, started=t0, runner=runner,
                             on_epoch_end=live.epoch if live else None)
         results["data"].update(data_version=versions["data_version"],

@@ -24,6 +24,8 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache", default="runs/cache", metavar="DIR", help="the stage cache (default: runs/cache)")
     g.add_argument("--no-track", action="store_true", help="skip MLflow logging and the registry gate")
     g.add_argument("--retries", type=int, metavar="N", help="retries of the network steps (S3, MLflow; default 3)")
+    g.add_argument("--accelerator-limit", metavar="NAME", help="hold a slot of this Prefect global concurrency limit "
+                   "while a stage computes (e.g. mimic-accelerator with slots = the GPUs; create it with prefect gcl create)")
     g.add_argument("--sse", choices=("AES256", "aws:kms"), help="S3 server-side encryption of stored students "
                    "(default: $MIMIC_S3_SSE, else the bucket's default)")
     g.add_argument("--sse-kms-key-id", metavar="KEY", help="KMS key id for --sse aws:kms (default: $MIMIC_S3_KMS_KEY_ID)")
@@ -52,7 +54,8 @@ def _services(args: argparse.Namespace):
         raise ConfigError("--sse-kms-key-id needs --sse aws:kms")
     return Services(store=args.store or os.environ.get("MIMIC_STORE") or None, sse=sse, kms_key_id=kms, cache=args.cache,
                     track=not args.no_track, dvc_registry=args.dvc_registry,
-                    dvc_remote=args.dvc_remote or os.environ.get("MIMIC_DVC_REMOTE") or None, network_retries=args.retries)
+                    dvc_remote=args.dvc_remote or os.environ.get("MIMIC_DVC_REMOTE") or None, network_retries=args.retries,
+                    accelerator_limit=args.accelerator_limit)
 
 
 class _DropMimicTracebacks(logging.Filter):
@@ -135,10 +138,13 @@ def cmd_watch(args: argparse.Namespace) -> dict:
     check_source(args.eval_data, "--eval-data")
     from flows.watch import excluded_prefixes, outputs_of, tick_of, watch_flow
 
+    if args.deployment and not os.environ.get("PREFECT_API_URL"):
+        raise ConfigError("--deployment submits audits to a work pool: set PREFECT_API_URL to the Prefect server its workers poll")
     services = _services(args)
     excluded_prefixes(args.location, outputs_of(services, args.ledger, args.out_root))  # refuse a self-feeding watch now
     kwargs = dict(location=args.location, data=args.data, settings=_settings(args), services=services,
-                  ledger=args.ledger, eval_data=args.eval_data, out_root=args.out_root, progress=False)
+                  ledger=args.ledger, eval_data=args.eval_data, out_root=args.out_root, progress=False,
+                  deployment=args.deployment)
     if args.cron:
         return _serve_watch(args, watch_flow, kwargs)
     with _orchestrated(args):
@@ -162,6 +168,9 @@ def _print_tick(args: argparse.Namespace, res: dict) -> None:
         say(args, f"refused: {shown(a['uri'])}: {shown(a['reason'])}")
     for a in res["failed"]:
         say(args, f"failed: {shown(a['uri'])}: {shown(a['error'])}")
+    for a in res.get("submitted", []):
+        say(args, f"submitted: {shown(a['uri'])} ({a['fingerprint'][:12]}): flow run {a['flow_run']} ({a['state']}"
+            + (", resubmitted after a crash" if a["resubmitted"] else "") + ")")
     say(args, f"{len(res['audited'])} audited, {len(res['skipped'])} already seen, {len(res['refused'])} refused, "
         f"{len(res['failed'])} failed")
 
@@ -223,6 +232,9 @@ def register(sub: Any) -> None:
     p.add_argument("--max-ticks", type=int, metavar="N", help="with --cron and no Prefect server: stop after N ticks")
     p.add_argument("--ledger", default="runs/watch", metavar="DIR", help="which fingerprints were audited (default: runs/watch)")
     p.add_argument("--out-root", default="runs/audits", metavar="DIR", help="audit outputs go to DIR/<fingerprint>")
+    p.add_argument("--deployment", metavar="FLOW/NAME", help="submit each new teacher as a run of this audit deployment "
+                   "(e.g. mimic-audit/audit, on a work pool; needs PREFECT_API_URL) instead of auditing it here; "
+                   "one run per teacher and configuration however many watchers see it")
     _pipeline_args(p)
     common(p)
 

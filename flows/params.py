@@ -49,3 +49,7 @@ class Services(BaseModel):
     dvc_registry: str = Field("runs/dvc", description="DVC repository the inputs are added to")
     dvc_remote: str | None = Field(None, description="DVC remote URL to push the inputs to (default: the registry's own)")
     network_retries: int | None = Field(None, ge=0, description="retries of the S3 and MLflow steps (default 3)")
+    accelerator_limit: str | None = Field(
+        None, description="a Prefect global concurrency limit (e.g. mimic-accelerator, slots = the accelerators of a "
+        "machine) whose slot every computing stage holds while it computes: training, MI, scan, evaluation. Cached "
+        "stages and I/O hold none. It must exist (prefect gcl create NAME --limit N); unset: no limit")

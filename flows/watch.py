@@ -20,17 +20,33 @@ reason, never its content.
 
 A tick ends ``Completed`` (its message counts what happened) or ``Failed`` when an audit failed;
 each audit is a subflow with its own state (``Completed``, ``Rejected``, ``Failed``).
+
+**Many machines** (``deployment``, e.g. ``mimic-audit/audit``): the tick audits nothing itself.
+Each new teacher fingerprint becomes a run of the audit deployment on its work pool,
+``run_deployment(..., idempotency_key=<submission key>, timeout=0)``, and the tick returns at once;
+any number of Prefect workers on any number of machines pull the runs. The submission key hashes
+the teacher fingerprint, the clean and evaluation data's content versions and the whole run
+configuration, so the Prefect API creates one run per audit however many watchers (or ticks) see
+the teacher under however many names: the API's idempotency is the claim, no local lock or ledger
+is involved in correctness. A later tick that finds the run *crashed* (its worker or machine died)
+schedules it again, up to ``resubmit_limit`` runs; a failed or rejected audit is final (Prefect's
+own flow retries handle transient errors inside it). The local ledger then only remembers which
+file had which fingerprint (a cache: losing it costs one re-fingerprint).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.states import Completed, Failed
+from prefect.client.schemas.objects import StateType
+from prefect.deployments import run_deployment
+from prefect.states import Completed, Failed, Scheduled
 
 from flows.audit import audit_flow, payload_of, results_of
 from flows.ledger import Ledger
@@ -129,6 +145,29 @@ def admit_candidate(local: str, limits) -> str:
     return admit_teacher(local, limits).fingerprint
 
 
+def submission_key(fingerprint: str, config: dict, data_versions: dict[str, str | None]) -> str:
+    """The Prefect idempotency key of one audit: teacher fingerprint + data content versions + run config."""
+    blob = json.dumps(["mimic-audit", fingerprint, data_versions, config], sort_keys=True, default=str)
+    return "mimic-audit-" + hashlib.sha256(blob.encode()).hexdigest()[:40]
+
+
+@task(name="submit-audit", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def submit_audit(deployment: str, parameters: dict, key: str, resubmit_limit: int) -> dict:
+    """One run of the audit ``deployment`` for ``key`` (created once by the API however often this is
+    called); a crashed one is scheduled again while it has run fewer than ``resubmit_limit`` times."""
+    from prefect import get_client
+
+    run = run_deployment(deployment, parameters=parameters, idempotency_key=key, timeout=0, as_subflow=False)
+    state = run.state
+    out = {"flow_run": str(run.id), "state": state.name if state else None, "resubmitted": False}
+    if state is not None and state.type == StateType.CRASHED and run.run_count < resubmit_limit:
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(run.id, Scheduled(message=f"resubmitted by the watch after: {state.message}"),
+                                      force=True)
+        out.update(state="Scheduled", resubmitted=True)
+    return out
+
+
 @flow(name="mimic-watch", log_prints=True, validate_parameters=True)
 def watch_flow(
     location: str,
@@ -139,8 +178,11 @@ def watch_flow(
     eval_data: str | None = None,
     out_root: str = "runs/audits",
     progress: bool = False,
+    deployment: str | None = None,
+    resubmit_limit: int = 3,
 ) -> dict:
-    """One tick: audit every new teacher fingerprint under ``location``; returns what happened."""
+    """One tick: audit every new teacher fingerprint under ``location`` (in this process, or as runs
+    of ``deployment`` on its work pool); returns what happened."""
     logger = get_run_logger()
     settings, services = settings or Settings(), services or Services()
     retries, root = services.network_retries, services.cache
@@ -148,7 +190,16 @@ def watch_flow(
     book = Ledger(ledger, lease_s=cfg.timeouts.claim)
     limits = cfg.limits
     known = book.files()
-    audited, skipped, refused, failed = [], [], [], []
+    audited, skipped, refused, failed, submitted = [], [], [], [], []
+    versions: dict[str, str | None] = {}
+
+    def data_versions() -> dict[str, str | None]:
+        if not versions:  # once per tick, and only when there is something to submit
+            from mimic.inputs import load_data
+
+            versions["data"] = load_data(cfg).version
+            versions["eval_data"] = load_data(settings.config(eval_data)).version if eval_data not in (None, data) else None
+        return versions
 
     def refuse(cand: dict, version: str, reason: str) -> None:
         reason = " ".join(reason.split())
@@ -177,6 +228,20 @@ def watch_flow(
                 refuse(cand, version, str(exc))
                 continue
             book.remember(cand["uri"], version, {"fingerprint": fp})
+        if deployment:
+            params = {"audit": AuditInput(teacher=cand["uri"], data=data, eval_data=eval_data).model_dump(),
+                      "settings": settings.model_dump(), "services": services.model_dump(),
+                      "out": str(Path(out_root) / fp[:12]), "progress": False}
+            key = submission_key(fp, cfg.to_dict(), data_versions())
+            try:
+                sub = submit_audit(deployment, params, key, resubmit_limit)
+            except Exception as exc:  # noqa: BLE001 - the API refused it; the next tick submits it again
+                error = " ".join(str(exc).split())
+                logger.error("%s: submission failed: %s", shown(cand["name"]), shown(error))
+                failed.append({"uri": cand["uri"], "fingerprint": fp, "error": error})
+                continue
+            submitted.append({"uri": cand["uri"], "fingerprint": fp, "key": key, **sub})
+            continue
         if not book.claim(fp, cand["uri"]):
             skipped.append({"uri": cand["uri"], "fingerprint": fp})
             continue
@@ -198,10 +263,15 @@ def watch_flow(
                   "scan": {who: rec["verdict"] for who, rec in res.get("scan", {}).items()}, "asr_trigger": res["trigger"]["source"]}
         book.finish(fp, record)
         audited.append({"fingerprint": fp, **record})
-    tick = {"location": location, "audited": audited, "skipped": skipped, "refused": refused, "failed": failed}
+    tick = {"location": location, "audited": audited, "skipped": skipped, "refused": refused, "failed": failed,
+            "submitted": submitted}
     rejected = sum(a["verdict"] == "rejected" for a in audited)
     summary = (f"{len(audited)} audited ({rejected} rejected), {len(skipped)} already seen, {len(refused)} refused, "
                f"{len(failed)} failed")
+    if deployment:
+        runs = {s["flow_run"] for s in submitted}
+        summary += (f", {len(submitted)} submitted to {deployment} ({len(runs)} runs, "
+                    f"{sum(s['resubmitted'] for s in submitted)} resubmitted after a crash)")
     if failed:
         return Failed(message=summary, data=WatchFailed(tick))
     return Completed(message=summary, data=tick)

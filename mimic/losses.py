@@ -14,10 +14,14 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> Tensor:
 
     Equal to the BadEncoder / MIMIC implementation
     ``-log(exp(s_pos/t) / sum_{k != i} exp(s_ik/t))`` averaged over the 2N anchors.
+
+    The similarities are computed in float32 also under autocast: in bfloat16 (8 mantissa bits)
+    a logit near 1/t = 2 is only resolved to ~0.01, which blurs the positive against the negatives.
     """
     z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
     n = z1.shape[0]
-    sim = z @ z.t() / temperature
+    with torch.autocast(z.device.type, enabled=False):
+        sim = z @ z.t() / temperature
     sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
     target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
     return F.cross_entropy(sim, target)

@@ -44,6 +44,24 @@ def test_nt_xent_lower_for_aligned_views():
     assert nt_xent(a, a + 0.01 * torch.randn(32, 16, generator=g)) < nt_xent(a, torch.randn(32, 16, generator=g))
 
 
+def test_nt_xent_logits_stay_float32_under_bf16_autocast():
+    """Under CPU bf16 autocast the loss (and its gradient) is the float32 one, not a bf16-rounded one."""
+    g = torch.Generator().manual_seed(3)
+    z1, z2 = torch.randn(64, 32, generator=g), torch.randn(64, 32, generator=g)
+    z1.requires_grad_(True)
+    want = nt_xent(z1, z2)
+    (g_want,) = torch.autograd.grad(want, z1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = nt_xent(z1, z2)
+    (g_got,) = torch.autograd.grad(got, z1)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, want, atol=1e-6) and torch.allclose(g_got, g_want, atol=1e-7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what the bf16 matmul would have given: visibly off
+        z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+        rough = (z @ z.t()).float()
+    assert (rough - z.detach() @ z.detach().t()).abs().max() > 1e-3
+
+
 def test_attention_golden_value():
     fs = torch.tensor([[1.0, 0.0], [0.0, 0.0]]).view(1, 1, 2, 2)
     ft = torch.tensor([[0.0, 1.0], [0.0, 0.0]]).view(1, 1, 2, 2)

@@ -1,0 +1,125 @@
+"""Scale-out end to end (issue 16, item 5): a Prefect server on loopback, a process work pool with two
+workers, a moto S3 prefix holding 6 teachers (3 distinct fingerprints + 3 copies under other names).
+A watch tick submits them as runs of the audit deployment: exactly 3 runs, both workers take work,
+no teacher is distilled twice; an audit process killed mid-run leaves a Crashed run that the next
+tick schedules again and that then completes. Slow (minutes): `pytest -m slow`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+import torch
+
+from services import free_port, stop_process, venv_program, wait_http
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+POOL, LIMIT = "mimic-e2e", "mimic-accelerator"
+
+
+@pytest.fixture
+def prefect_server(tmp_path, monkeypatch):
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "false"}
+    proc = subprocess.Popen([str(venv_program("prefect")), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=tmp_path)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/api/health", timeout=180, proc=proc)
+        monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{port}/api")
+        yield f"http://127.0.0.1:{port}/api"
+    finally:
+        stop_process(proc)
+
+
+def _upload_teachers(bucket: str, tmp: Path) -> None:
+    from mimic.checkpoints import save_encoder
+    from mimic.encoders import Encoder, EncoderSpec
+
+    s3 = boto3.client("s3")
+    for i in range(3):
+        torch.manual_seed(200 + i)
+        path = tmp / f"model-{i}.pt"
+        save_encoder(path, Encoder(EncoderSpec(width=4)).eval())
+        for key in (f"incoming/model-{i}.pt", f"incoming/copies/renamed-{i}.pt"):
+            s3.upload_file(str(path), bucket, key)
+
+
+def _worker(name: str, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PREFECT_WORKER_QUERY_SECONDS": "2"}
+    return subprocess.Popen([str(venv_program("prefect")), "worker", "start", "--pool", POOL, "--name", name, "--type", "process"],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+
+def _runs(client, dep_id):
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
+
+    return client.read_flow_runs(flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[dep_id])))
+
+
+def test_two_workers_audit_three_teachers_once_and_a_killed_audit_is_retried(prefect_server, s3_env, tmp_path):
+    from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, WorkPoolCreate
+
+    from flows.params import Services, Settings
+    from flows.watch import tick_of, watch_flow
+
+    bucket = s3_env
+    _upload_teachers(bucket, tmp_path)
+    with get_client(sync_client=True) as c:
+        c.create_work_pool(WorkPoolCreate(name=POOL, type="process"))
+        c.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=LIMIT, limit=1))
+        dep_id = c.create_deployment(flow_id=c.create_flow_from_name("mimic-audit"), name="audit", work_pool_name=POOL,
+                                     entrypoint="flows/audit.py:audit_flow", path=str(ROOT))
+    logs = {n: tmp_path / f"{n}.log" for n in ("w1", "w2")}
+    workers = {n: _worker(n, log) for n, log in logs.items()}
+    services = Services(track=False, cache=str(tmp_path / "cache"), store=f"s3://{bucket}/store",
+                        dvc_registry=str(tmp_path / "dvc"), accelerator_limit=LIMIT)
+
+    def tick() -> dict:
+        return tick_of(watch_flow(location=f"s3://{bucket}/incoming", data="synthetic", settings=Settings(profile="tiny"),
+                                  services=services, ledger=str(tmp_path / "watch"), out_root=str(tmp_path / "audits"),
+                                  deployment="mimic-audit/audit", return_state=True))
+
+    try:
+        first = tick()
+        assert len(first["submitted"]) == 6 and len({s["flow_run"] for s in first["submitted"]}) == 3, first
+        killed = None
+        deadline = time.monotonic() + 1500
+        with get_client(sync_client=True) as c:
+            while time.monotonic() < deadline:
+                runs = _runs(c, dep_id)
+                if killed is None:  # kill the first audit that is running, mid-run
+                    running = [r for r in runs if r.state.type.value == "RUNNING" and r.infrastructure_pid]
+                    if running:
+                        killed = running[0]
+                        time.sleep(3)
+                        os.kill(int(str(killed.infrastructure_pid).rsplit(":", 1)[-1]), signal.SIGKILL)
+                elif any(r.id == killed.id and r.state.type.value == "CRASHED" for r in runs):
+                    again = tick()  # the next watch tick finds it crashed and schedules it again
+                    assert [s["resubmitted"] for s in again["submitted"] if s["flow_run"] == str(killed.id)][0], again
+                if len(runs) == 3 and all(r.state.type.value == "COMPLETED" for r in runs) and killed is not None:
+                    break
+                time.sleep(2)
+            runs = _runs(c, dep_id)
+        states = {str(r.id): r.state.name for r in runs}
+        assert len(runs) == 3 and all(r.state.type.value == "COMPLETED" for r in runs), states
+        assert killed is not None and next(r for r in runs if r.id == killed.id).run_count >= 2
+        # both workers took work (each worker logs the runs it submits)
+        took = {n: {str(r.id) for r in runs if str(r.id) in log.read_text()} for n, log in logs.items()}
+        assert all(took.values()), took
+        # no teacher distilled twice: one finished distillation per teacher in the shared stage cache
+        finished = [d for d in (tmp_path / "cache" / "distill").iterdir() if (d / "stage.json").exists()]
+        assert len(finished) == 3, finished
+        final = tick()  # everything done: the same 3 runs, nothing submitted again
+        assert len({s["flow_run"] for s in final["submitted"]}) == 3, final
+        assert not any(s["resubmitted"] for s in final["submitted"]), final
+    finally:
+        for w in workers.values():
+            stop_process(w, timeout=10)
