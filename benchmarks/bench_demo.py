@@ -6,7 +6,8 @@
 
 Each cell is one `mimic demo --set seed=S --threads T` in its own process and output directory
 (the stage cache is per directory, so no cell reuses another's models; a rerun of the same cell
-reuses its own cache and finishes in seconds). Prints CA/ASR of the clean encoder, the BadEncoder
+reuses its own cache and finishes in seconds; the table names a cell's reused stages, and the wall
+summary counts only cells that computed every stage). Prints CA/ASR of the clean encoder, the BadEncoder
 teacher and the MIMIC student per cell, then mean / min / max per column and whether every cell
 meets the demo's bounds (student ASR <= 10, student CA within 5 points of the teacher). The numbers
 are the gate's: the worst case over every probe the demo runs (``results.worst_case``). ``--markdown``
@@ -52,7 +53,8 @@ def run_cell(seed: int, threads: int, data: str, sets: list[str], out: Path) -> 
     cell = {"seed": seed, "threads": threads, "wall_s": round(wall, 1), "verdict": res["verdict"]["verdict"],
             "probe": res.get("probe"), **{k: res.get(k) for k in COLUMNS},
             "worst_student_asr": w.get("student_asr"), "worst_asr_probe": w.get("asr_probe"),
-            "worst_ca_drop": w.get("ca_drop"), "worst_ca_probe": w.get("ca_probe")}
+            "worst_ca_drop": w.get("ca_drop"), "worst_ca_probe": w.get("ca_probe"),
+            "reused": sorted(k for k, v in (res.get("cached") or {}).items() if v)}
     asr = cell["worst_student_asr"] if cell["worst_student_asr"] is not None else cell["student_asr"]
     drop = cell["worst_ca_drop"] if cell["worst_ca_drop"] is not None else cell["teacher_ca"] - cell["student_ca"]
     cell["ok"] = asr is not None and asr <= MAX_ASR and drop <= MAX_CA_DROP
@@ -63,7 +65,7 @@ def summary(cells: list[dict]) -> dict:
     good = [c for c in cells if "error" not in c]
     out = {}
     for k in (*COLUMNS, *WORST, "wall_s"):
-        vals = [c[k] for c in good if c.get(k) is not None]
+        vals = [c[k] for c in good if c.get(k) is not None and not (k == "wall_s" and c.get("reused"))]
         if vals:
             out[k] = {"mean": statistics.fmean(vals), "min": min(vals), "max": max(vals),
                       "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
@@ -87,7 +89,8 @@ def table(cells: list[dict], summ: dict) -> str:
         vals = " | ".join(f(c[k]) for k in COLUMNS)
         worst = (f"{f(c['worst_student_asr'])} ({c['worst_asr_probe']}) | {f(c['worst_ca_drop'])} ({c['worst_ca_probe']})"
                  if c.get("worst_asr_probe") else "– | –")
-        lines.append(f"| {c['seed']} | {c['threads']} | {vals} | {worst} | {'yes' if c['ok'] else '**no**'} | {c['wall_s']:.0f} s |")
+        wall = f"{c['wall_s']:.0f} s" + (f" ({', '.join(c['reused'])} reused)" if c.get("reused") else "")
+        lines.append(f"| {c['seed']} | {c['threads']} | {vals} | {worst} | {'yes' if c['ok'] else '**no**'} | {wall} |")
     for stat in ("mean", "min", "max"):
         vals = " | ".join(f"{summ[k][stat]:.1f}" if k in summ else "–" for k in (*COLUMNS, *WORST))
         wall = f"{summ['wall_s'][stat]:.0f} s" if "wall_s" in summ else "–"

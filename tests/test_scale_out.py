@@ -166,3 +166,14 @@ def test_a_computing_stage_holds_a_slot_of_the_concurrency_limit(pipeline_env):
 
     with pytest.raises(Exception, match="no-such-limit|not found|does not exist"):
         missing()
+
+
+def test_watch_to_a_deployment_needs_a_prefect_server(tmp_path, monkeypatch, capsys):
+    from mimic.cli import main
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    (tmp_path / "incoming").mkdir()
+    rc = main(["watch", str(tmp_path / "incoming"), "--data", "synthetic", "--once", "--deployment", DEPLOYMENT,
+               "--ledger", str(tmp_path / "ledger"), "--cache", str(tmp_path / "cache")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "PREFECT_API_URL" in err[0], err

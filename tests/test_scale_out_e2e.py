@@ -16,7 +16,7 @@ import boto3
 import pytest
 import torch
 
-from services import free_port, stop_process, venv_program, wait_http
+from services import OPEN_GATE, free_port, stop_process, venv_program, wait_http
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def test_two_workers_audit_three_teachers_once_and_a_killed_audit_is_retried(pre
                         dvc_registry=str(tmp_path / "dvc"), accelerator_limit=LIMIT)
 
     def tick() -> dict:
-        return tick_of(watch_flow(location=f"s3://{bucket}/incoming", data="synthetic", settings=Settings(profile="tiny"),
+        return tick_of(watch_flow(location=f"s3://{bucket}/incoming", data="synthetic", settings=Settings(profile="tiny", overrides=list(OPEN_GATE)),
                                   services=services, ledger=str(tmp_path / "watch"), out_root=str(tmp_path / "audits"),
                                   deployment="mimic-audit/audit", return_state=True))
 
