@@ -108,7 +108,11 @@ def test_audit_without_a_trigger_measures_asr_with_the_inverted_one_and_rejects_
     res = run_audit(cfg, req, root=tmp_path / "cache", out_dir=tmp_path / "out", progress=False)
     assert res["trigger"]["source"] == "inverted"
     assert res["scan"]["teacher"]["suspicious"] and res["scan"]["student"]["suspicious"]
-    assert res["teacher_asr"] is not None and res["teacher_asr"] >= 50  # the inverted trigger works on the teacher
+    # the inverted trigger works on the teacher: far more of its triggered images hit the target than
+    # the clean encoder's do under the same patch (a universal patch moves a clean encoder a little too)
+    inverted = Trigger.load_npz(tmp_path / "out" / "trigger.npz")
+    _, clean_asr = zoo.probe(zoo.clean.encoder, inverted, target=res["target_class"])
+    assert res["teacher_asr"] is not None and res["teacher_asr"] >= clean_asr + 15, (res["teacher_asr"], clean_asr)
     assert res["student_asr"] is not None
     v = res["verdict"]
     assert not v["passed"] and "still scans suspicious" in v["reason"]
