@@ -8,77 +8,35 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
-from pathlib import Path
 
-import boto3
 import pytest
-import torch
 
-from services import OPEN_GATE, free_port, stop_process, venv_program, wait_http
+from scale_out_rig import LIMIT, create_pool, prefect_server, runs_of, start_worker, upload_teachers
+from services import OPEN_GATE, stop_process
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
-POOL, LIMIT = "mimic-e2e", "mimic-accelerator"
+POOL = "mimic-e2e"
 
 
 @pytest.fixture
-def prefect_server(tmp_path, monkeypatch):
-    port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_ENABLED": "false"}
-    proc = subprocess.Popen([str(venv_program("prefect")), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=tmp_path)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/api/health", timeout=180, proc=proc)
-        monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{port}/api")
-        yield f"http://127.0.0.1:{port}/api"
-    finally:
-        stop_process(proc)
+def api(tmp_path, monkeypatch):
+    with prefect_server(tmp_path / "prefect-home") as url:
+        monkeypatch.setenv("PREFECT_API_URL", url)
+        yield url
 
 
-def _upload_teachers(bucket: str, tmp: Path) -> None:
-    from mimic.checkpoints import save_encoder
-    from mimic.encoders import Encoder, EncoderSpec
-
-    s3 = boto3.client("s3")
-    for i in range(3):
-        torch.manual_seed(200 + i)
-        path = tmp / f"model-{i}.pt"
-        save_encoder(path, Encoder(EncoderSpec(width=4)).eval())
-        for key in (f"incoming/model-{i}.pt", f"incoming/copies/renamed-{i}.pt"):
-            s3.upload_file(str(path), bucket, key)
-
-
-def _worker(name: str, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PREFECT_WORKER_QUERY_SECONDS": "2"}
-    return subprocess.Popen([str(venv_program("prefect")), "worker", "start", "--pool", POOL, "--name", name, "--type", "process"],
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-
-
-def _runs(client, dep_id):
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
-
-    return client.read_flow_runs(flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[dep_id])))
-
-
-def test_two_workers_audit_three_teachers_once_and_a_killed_audit_is_retried(prefect_server, s3_env, tmp_path):
+def test_two_workers_audit_three_teachers_once_and_a_killed_audit_is_retried(api, s3_env, tmp_path):
     from prefect import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, WorkPoolCreate
 
     from flows.params import Services, Settings
     from flows.watch import tick_of, watch_flow
 
     bucket = s3_env
-    _upload_teachers(bucket, tmp_path)
-    with get_client(sync_client=True) as c:
-        c.create_work_pool(WorkPoolCreate(name=POOL, type="process"))
-        c.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=LIMIT, limit=1))
-        dep_id = c.create_deployment(flow_id=c.create_flow_from_name("mimic-audit"), name="audit", work_pool_name=POOL,
-                                     entrypoint="flows/audit.py:audit_flow", path=str(ROOT))
+    upload_teachers(bucket, tmp_path, distinct=3, copies=3)
+    dep_id = create_pool(POOL)
     logs = {n: tmp_path / f"{n}.log" for n in ("w1", "w2")}
-    workers = {n: _worker(n, log) for n, log in logs.items()}
+    workers = {n: start_worker(POOL, n, log) for n, log in logs.items()}
     services = Services(track=False, cache=str(tmp_path / "cache"), store=f"s3://{bucket}/store",
                         dvc_registry=str(tmp_path / "dvc"), accelerator_limit=LIMIT)
 
@@ -94,7 +52,7 @@ def test_two_workers_audit_three_teachers_once_and_a_killed_audit_is_retried(pre
         deadline = time.monotonic() + 1500
         with get_client(sync_client=True) as c:
             while time.monotonic() < deadline:
-                runs = _runs(c, dep_id)
+                runs = runs_of(c, dep_id)
                 if killed is None:  # kill the first audit that is running, mid-run
                     running = [r for r in runs if r.state.type.value == "RUNNING" and r.infrastructure_pid]
                     if running:
@@ -107,7 +65,7 @@ def test_two_workers_audit_three_teachers_once_and_a_killed_audit_is_retried(pre
                 if len(runs) == 3 and all(r.state.type.value == "COMPLETED" for r in runs) and killed is not None:
                     break
                 time.sleep(2)
-            runs = _runs(c, dep_id)
+            runs = runs_of(c, dep_id)
         states = {str(r.id): r.state.name for r in runs}
         assert len(runs) == 3 and all(r.state.type.value == "COMPLETED" for r in runs), states
         assert killed is not None and next(r for r in runs if r.id == killed.id).run_count >= 2
