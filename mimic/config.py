@@ -115,6 +115,7 @@ class DistillConfig:
     crop_min_scale: float
     lambda_clone: float
     attention_p: int
+    attention_end: float  # beta_l's multiplier at the last epoch, cosine from 1 (mimic.distill.attention_factor); 1 = constant
     contrastive: bool
     attention: bool
     clone: bool
@@ -132,6 +133,7 @@ class DistillConfig:
         _check(self.student_init in ("empty", "teacher"), "distill.student_init must be empty or teacher")
         _check(self.contrastive or self.attention or self.clone, "distill: at least one loss term must be on")
         _check(self.temperature > 0, "distill.temperature must be > 0")
+        _check(0.0 <= self.attention_end, f"distill.attention_end must be >= 0, got {self.attention_end}")
 
 
 @dataclass(frozen=True)

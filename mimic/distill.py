@@ -17,8 +17,7 @@ call it. It performs no host synchronisation: losses stay on the device until th
 
 from __future__ import annotations
 
-import hashlib
-import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,11 +45,13 @@ class DistillResult:
     work_dir: Path
 
 
-def run_key(teacher_fingerprint: str, data_version: str, cfg: DistillConfig, weights: list[float], seed: int) -> str:
-    """Identity of a distillation run (everything but the epoch count, so a run can be extended)."""
-    plain = {k: v for k, v in vars(cfg).items() if k != "epochs"}
-    blob = json.dumps([teacher_fingerprint, data_version, plain, [round(w, 6) for w in weights], seed], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+def attention_factor(end: float, epoch: int, epochs: int) -> float:
+    """Multiplier of every beta_l in ``epoch`` (0-based) of ``epochs``: a half cosine from 1 at the first
+    epoch to ``end`` at the last, ``end + (1 - end) (1 + cos(pi e / (E - 1))) / 2``; ``end = 1`` is constant.
+    """
+    if end == 1.0 or epochs <= 1:
+        return 1.0
+    return end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * epoch / (epochs - 1)))
 
 
 class StudentAndHead(nn.Module):
@@ -120,6 +121,7 @@ class Distiller:
     world: World = field(default_factory=World)
     t_taps: StageTaps | None = None
     s_taps: StageTaps | None = None
+    attention_scale: float = 1.0  # this epoch's attention_factor (set by run_epoch)
 
     @property
     def names(self) -> list[str]:
@@ -199,7 +201,8 @@ def distill_step(d: Distiller, images: Tensor, views: tuple[ViewDraw, ViewDraw],
             parts["contrastive"] = nt_xent(world.all_gather(z1, n_global), world.all_gather(z2, n_global), cfg.temperature)
             report.append(parts["contrastive"] / world.size if world.size > 1 else parts["contrastive"])
         if cfg.attention:
-            parts["attention"] = weighted_attention(h_s, h_t, d.weights, cfg.attention_p)
+            weights = d.weights if d.attention_scale == 1.0 else [w * d.attention_scale for w in d.weights]
+            parts["attention"] = weighted_attention(h_s, h_t, weights, cfg.attention_p)
         if cfg.clone:
             parts["clone"] = cfg.lambda_clone * clone_loss(f_s1, f_t)
         for k in ("attention", "clone"):
@@ -230,6 +233,7 @@ def run_epoch(d: Distiller, clean: ImageSet, epoch: int, g: torch.Generator, *, 
     cfg, world = d.cfg, d.world
     batch_size = min(cfg.batch_size, len(clean))
     drop_last = len(clean) >= 2 * batch_size
+    d.attention_scale = attention_factor(cfg.attention_end, epoch, cfg.epochs)
     log = LossLog(d.names, "distill", epoch, immediate=d.device.type == "cpu" and world.size == 1)
     for step, idx in enumerate(batches(len(clean), batch_size, g, drop_last=drop_last)):
         if max_steps is not None and step >= max_steps:

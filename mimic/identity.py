@@ -27,7 +27,7 @@ import ast
 import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -58,6 +58,7 @@ class StageDef:
     entry: tuple[str, ...]  # modules whose code, with the mimic modules they import, decides the result
     params: tuple[str, ...]  # config paths the stage reads ("seed", "mi", "distill.lr", ...)
     resume_free: tuple[str, ...] = ()  # params left out of the resume lineage (training can be extended)
+    extendable: Callable[[Config], bool] | None = None  # None: always; else whether this config's run can be extended
     version: int = 1  # bump to invalidate cached results when something outside the code changes them
 
 
@@ -70,7 +71,9 @@ STAGES: dict[str, StageDef] = {
         StageDef("adaptive", ("mimic.stages.adaptive",), ("seed", "attack", "adaptive"), ("attack.epochs",)),
         StageDef("scan", ("mimic.stages.scan",), ("seed",) + tuple(f"scan.{k}" for k in SCAN_SEARCH_PARAMS)),
         StageDef("mi", ("mimic.stages.mi",), ("seed", "mi")),
-        StageDef("distill", ("mimic.stages.distill",), ("seed", "distill"), ("distill.epochs",)),
+        StageDef("distill", ("mimic.stages.distill",), ("seed", "distill"), ("distill.epochs",),
+                 # an attention schedule spans the run: a longer run differs from its first epoch
+                 extendable=lambda cfg: cfg.distill.attention_end == 1.0),
         StageDef("evaluate", ("mimic.stages.evaluate",), ("seed", "evaluate")),
         StageDef("unlearn", ("mimic.stages.unlearn",), ("seed", "unlearn"), ("unlearn.epochs",)),
         StageDef("prune", ("mimic.stages.prune",), ("seed", "prune"), ("prune.epochs",)),
@@ -162,7 +165,7 @@ def param_values(stage: str, cfg: Config, *, lineage: bool = False) -> dict[str,
         for part in path.split("."):
             node = getattr(node, part)
         out.update(_leaves(path, _plain(node)))
-    if lineage:
+    if lineage and (d.extendable is None or d.extendable(cfg)):
         out = {k: v for k, v in out.items() if not any(k == f or k.startswith(f + ".") for f in d.resume_free)}
     return out
 

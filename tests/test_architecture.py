@@ -107,6 +107,10 @@ def test_keys_cover_what_changes_results_and_only_that():
     longer = load_config(profile="tiny", sets=["precision=fp32", "distill.epochs=9"])
     assert key("distill", base, inputs) != key("distill", longer, inputs)
     assert identity.lineage_key("distill", base, inputs) == identity.lineage_key("distill", longer, inputs)
+    # ... unless an attention schedule spans the run: then a longer run is another run from epoch 0
+    sched = ["precision=fp32", "distill.attention_end=0.1"]
+    assert (identity.lineage_key("distill", load_config(profile="tiny", sets=sched), inputs)
+            != identity.lineage_key("distill", load_config(profile="tiny", sets=sched + ["distill.epochs=9"]), inputs))
     assert identity.runtime_identity(load_config(sets=["precision=bf16"])) == {"device": "cpu", "precision": "bfloat16"}
 
 

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from mimic.distill import distill, parameters_unchanged
+from mimic.distill import attention_factor, distill, parameters_unchanged
 from mimic.encoders import count_hooks
 from mimic.errors import TrainingDiverged
 from mimic.checkpoints import load_state
@@ -111,3 +111,20 @@ def test_deferred_loss_check_names_the_first_bad_step():
     log.add(torch.tensor([float("nan"), 0.0]), 32)
     with pytest.raises(TrainingDiverged, match="inf at epoch 5, step 4"):
         log.means()
+
+
+def test_attention_schedule_is_a_half_cosine_from_one_to_end():
+    assert [attention_factor(1.0, e, 5) for e in range(5)] == [1.0] * 5  # the default: constant weights
+    f = [attention_factor(0.1, e, 5) for e in range(5)]
+    assert f[0] == pytest.approx(1.0) and f[-1] == pytest.approx(0.1) and f[2] == pytest.approx(0.55)
+    assert all(a > b for a, b in zip(f, f[1:]))
+    assert attention_factor(0.0, 0, 1) == 1.0  # a one-epoch run keeps the full weights
+
+
+def test_attention_schedule_lowers_the_attention_weights_after_the_first_epoch(tiny_encoder, tiny_images, tiny_config, tmp_path):
+    sched = _run(copy.deepcopy(tiny_encoder), tiny_images, _cfg(tiny_config, epochs=2, attention_end=0.25), tmp_path / "s")
+    const = _run(copy.deepcopy(tiny_encoder), tiny_images, _cfg(tiny_config, epochs=2), tmp_path / "c")
+    s0, s1 = (h["attention"] for h in sched.history)
+    c0, c1 = (h["attention"] for h in const.history)
+    assert s0 == pytest.approx(c0, rel=1e-5)  # epoch 0: factor 1, the same run
+    assert s1 < 0.5 * c1  # epoch 1 of 2: factor 0.25 on every beta_l
