@@ -122,6 +122,22 @@ def run_grid(grid: list[tuple[int, int]], cores: int, run) -> list[dict]:
     return [results[st] for st in grid]
 
 
+def machine() -> dict:
+    """The CPU the grid ran on: its model, cores and the precision ``precision: auto`` resolves to there (bf16 autocast
+    only with AVX512-BF16/AMX), since the demo's numbers and wall times depend on both."""
+    import platform
+
+    import torch
+
+    from mimic.runtime import autocast_dtype
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), None) if Path("/proc/cpuinfo").exists() else None
+    amp = autocast_dtype(torch.device("cpu"), "auto")
+    return {"cpu": model or platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "precision": "bf16 autocast" if amp == torch.bfloat16 else "fp32"}
+
+
 def replace_block(path: Path, text: str) -> None:
     """Put ``text`` between the BEGIN/END markers of ``path`` (which must hold both)."""
     doc = path.read_text()
@@ -150,15 +166,20 @@ def main(argv: list[str] | None = None) -> int:
         cells = [c for e in earlier for c in e["cells"]]
         args.seeds, args.threads = sorted({c["seed"] for c in cells}), sorted({c["threads"] for c in cells})
         args.data, args.sets = earlier[0]["data"], earlier[0]["sets"]
+        where = earlier[0].get("machine")
     else:
         grid = [(seed, threads) for seed in args.seeds for threads in args.threads]
         cells = run_grid(grid, args.cores, lambda st: run_cell(st[0], st[1], args.data, args.sets,
                                                               Path(args.out) / f"seed{st[0]}-t{st[1]}"))
+        where = {**machine(), "grid_cores": args.cores}
     summ = summary(cells)
     text = table(cells, summ)
+    if where:
+        text += (f"\n\nMeasured on {where['cpu']}, {where['cores']} cores, {where['precision']}; cells ran side by side "
+                 f"while their threads fit in {where['grid_cores']} cores (a wall is a fresh demo's only for a cell that ran alone).")
     print(text)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"data": args.data, "sets": args.sets, "cells": cells, "summary": summ}, indent=2) + "\n")
+    Path(args.json).write_text(json.dumps({"data": args.data, "sets": args.sets, "machine": where, "cells": cells, "summary": summ}, indent=2) + "\n")
     if args.markdown:
         Path(args.markdown).write_text(text + "\n")
     if args.readme:
