@@ -78,6 +78,9 @@ def test_two_workers_audit_three_teachers_once_and_a_killed_audit_is_retried(api
         final = tick()  # everything done: the same 3 runs, nothing submitted again
         assert len({s["flow_run"] for s in final["submitted"]}) == 3, final
         assert not any(s["resubmitted"] for s in final["submitted"]), final
+        print(f"observed: {len(first['submitted'])} files -> {len(runs)} runs, states {sorted(states.values())}, "
+              f"killed run ran {next(r for r in runs if r.id == killed.id).run_count} times, "
+              f"runs per worker { {n: len(t) for n, t in took.items()} }, finished distillations {len(finished)}")
     finally:
         for w in workers.values():
             stop_process(w, timeout=10)
