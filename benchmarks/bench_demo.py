@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_demo.py [--seeds 0 1 2 3 4] [--threads 1 2] [--data synthetic]
         [--set KEY=VALUE ...] [--out bench-results/demo] [--json bench-results/demo.json] [--markdown FILE]
-        [--readme README.md] [--cores N] [--from-json A.json ...]
+        [--readme docs/findings.md] [--cores N] [--from-json A.json ...]
 
 Each cell is one `mimic demo --set seed=S --threads T` in its own process and output directory
 (the stage cache is per directory, so no cell reuses another's models; a rerun of the same cell
@@ -12,7 +12,7 @@ teacher and the MIMIC student per cell, then mean / min / max per column and whe
 meets the demo's bounds (student ASR <= 10, student CA within 5 points of the teacher). The numbers
 are the gate's: the worst case over every probe the demo runs (``results.worst_case``). ``--markdown``
 writes the table to a file; ``--readme`` replaces the block between ``<!-- demo-grid:begin -->`` and
-``<!-- demo-grid:end -->`` in that file with it (the README's numbers are regenerated, never typed).
+``<!-- demo-grid:end -->`` in that file with it (docs/findings.md's grid: regenerated, never typed).
 """
 
 from __future__ import annotations

@@ -8,7 +8,10 @@
 
 Final states: ``Completed`` for a sanitized student; ``Rejected`` (a FAILED state, the gate's
 reason as its message) for a rejected one; ``Failed`` with the error for refusals and errors (the
-MLflow run, when open, ends FAILED with it). Calling the flow directly returns the results dict,
+MLflow run, when open, ends FAILED with it). Every task is bounded by a ``timeouts.*`` key
+(``tasks.common.TIMEOUTS``; the stages by ``timeouts.stage``): past it the run fails with one line
+naming the task or stage and the key, e.g. ``stage 'distill' exceeded timeouts.stage=86400 s; raise
+it with --set timeouts.stage=SECONDS (0 = no limit)``. Calling the flow directly returns the results dict,
 or raises :class:`AuditRejected` (its ``results``) / the error; :func:`results_of` reads a state.
 Runs in Prefect's local mode with no server configured, or against ``PREFECT_API_URL``.
 """
@@ -28,9 +31,11 @@ from flows.params import AuditInput, Services, Settings
 from mimic.audit import AuditInputs, AuditRequest, Runner, prepare, run_audit
 from mimic.cache import StageCache
 from mimic.config import Config
+from mimic.errors import StageTimeout
 from mimic.io import write_json
 from mimic.report import write_report
 from mimic.results import scan_tags
+from tasks.common import call, timeout_of
 from tasks.data import version_inputs
 from tasks.observe import emit, publish
 from tasks.registry import model_name, register_student
@@ -68,7 +73,7 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-@task(name="admit", cache_policy=NO_CACHE)
+@task(name="admit", cache_policy=NO_CACHE, timeout_seconds=timeout_of("admit"))
 def admit(cfg: Config, req: AuditRequest, root: str) -> AuditInputs:
     """Refuse an unsafe or unusable teacher and unusable data (one-line reason), load both once."""
     return prepare(cfg, req, root)
@@ -107,11 +112,16 @@ def audit_flow(audit: AuditInput, settings: Settings | None = None, services: Se
     settings, services = settings or Settings(), services or Services()
     retries, root = services.network_retries, services.cache
     cfg = settings.config(audit.data)
-    local = fetch_teacher(audit.teacher, str(Path(root) / "fetched"), retries)
+    bound = cfg.timeouts  # every task below runs under its timeouts.* key (tasks.common.TIMEOUTS)
+    local = call(fetch_teacher, bound, audit.teacher, str(Path(root) / "fetched"), retries)
     req = AuditRequest(teacher=local, data=audit.data, eval_data=audit.eval_data, trigger=audit.trigger,
                        target=audit.target_class, teacher_uri=audit.teacher)
     try:
-        x = admit(cfg, req, root)
+        x = call(admit, bound, cfg, req, root)
+    except StageTimeout as exc:
+        logger.error("audit of %s failed: %s", audit.teacher, _one_line(exc))
+        emit("failed", None, audit.teacher, {"error": _one_line(exc)})
+        raise
     except Exception as exc:
         logger.error("refused %s: %s", audit.teacher, _one_line(exc))
         emit("refused", None, audit.teacher, {"reason": _one_line(exc)})
@@ -121,16 +131,17 @@ def audit_flow(audit: AuditInput, settings: Settings | None = None, services: Se
     ids, live = None, None
     try:
         evals = audit.eval_data if audit.eval_data not in (None, audit.data) else None
-        versions = version_inputs({"data": audit.data, "eval_data": evals, "teacher": local},
-                                  {"data": x.data.version, "eval_data": x.eval_data.version},
-                                  services.dvc_registry, services.dvc_remote)
+        versions = call(version_inputs, bound, {"data": audit.data, "eval_data": evals, "teacher": local},
+                        {"data": x.data.version, "eval_data": x.eval_data.version},
+                        services.dvc_registry, services.dvc_remote)
         name = model_name(cfg.gate.model_name, audit.teacher, fp)
         if services.track:
-            probe.with_options(**({} if retries is None else {"retries": retries}))()
+            call(probe, bound, options={} if retries is None else {"retries": retries})
             tags = {"teacher_fingerprint": fp, "teacher_uri": audit.teacher, "data_version": versions["data_version"],
                     "mimic.registered_model": name, "mimic.progress": "started",
                     "mimic.prefect_flow_run": str(flow_run.get_id() or "")}
-            ids = open_run(cfg.gate.experiment, f"audit-{fp[:12]}", tags, cfg.to_dict(), _inputs_record(audit, x, versions))
+            ids = call(open_run, bound, cfg.gate.experiment, f"audit-{fp[:12]}", tags, cfg.to_dict(),
+                       _inputs_record(audit, x, versions))
             live = LiveRun(ids["run_id"])
             logger.info("MLflow run %s (%s)", ids["run_id"], ids["tracking_uri"])
         cache = StageCache(root, lock_timeout=cfg.timeouts.lock or None)
@@ -151,33 +162,35 @@ def audit_flow(audit: AuditInput, settings: Settings | None = None, services: Se
         meta.update({"student_fingerprint": results["student"]["fingerprint"], "teacher_uri": audit.teacher,
                      "data_version": versions["data_version"]})
         t = time.perf_counter()
-        results["store"] = store_student_task(results["student"]["file"], fp, meta, services.store, akey, retries,
-                                              services.sse, services.kms_key_id)
+        results["store"] = call(store_student_task, bound, results["student"]["file"], fp, meta, services.store, akey,
+                                retries, services.sse, services.kms_key_id)
         results["stage_seconds"]["store"] = round(time.perf_counter() - t, 2)
         if ids is not None:
             t = time.perf_counter()
             results["mlflow"] = {**ids, "registry": {"name": name, "version": None}}
             write_report(results, out_dir)
             write_json(out_dir / "results.json", results)
-            model = finish_run(ids, results, str(out_dir), results["student"]["file"], x.clean.x[:2].permute(0, 2, 3, 1).numpy(),
-                               sorted(live.epochs))
+            model = call(finish_run, bound, ids, results, str(out_dir), results["student"]["file"],
+                         x.clean.x[:2].permute(0, 2, 3, 1).numpy(), sorted(live.epochs))
             reg_tags = {"teacher_fingerprint": fp, "teacher_uri": audit.teacher, "data_version": versions["data_version"],
                         "verdict": verdict["verdict"], "verdict_reason": verdict["reason"], "mimic.audit_key": akey, **scan_tags(results)}
-            reg = register_student(name, cfg.gate.alias, model["model_uri"], ids["run_id"], reg_tags, verdict["passed"])
+            reg = call(register_student, bound, name, cfg.gate.alias, model["model_uri"], ids["run_id"], reg_tags,
+                       verdict["passed"])
             results["mlflow"] = {**ids, **model, "registry": reg}
             results["stage_seconds"]["track"] = round(time.perf_counter() - t, 2)
         results["seconds"] = round(time.perf_counter() - t0, 2)
         write_json(out_dir / "results.json", results)
         write_report(results, out_dir)
-        results["prefect"]["artifacts"] = publish(results)
+        results["prefect"]["artifacts"] = call(publish, bound, results)
         write_json(out_dir / "results.json", results)
     except Exception as exc:
         from mimic.errors import TrackingUnavailable
 
         logger.error("audit of %s failed: %s", audit.teacher, _one_line(exc))
-        if ids is not None and not isinstance(exc, TrackingUnavailable):
+        hung = isinstance(exc, StageTimeout) and exc.setting == "timeouts.service"  # a hung server: do not wait again
+        if ids is not None and not isinstance(exc, TrackingUnavailable) and not hung:
             try:
-                fail_run(ids["run_id"], _one_line(exc))
+                call(fail_run, bound, ids["run_id"], _one_line(exc))
             except Exception as also:  # noqa: BLE001 - the original error is the one to report
                 logger.warning("could not mark MLflow run %s failed: %s", ids["run_id"], _one_line(also))
         emit("failed", fp, audit.teacher, {"error": _one_line(exc)})

@@ -73,10 +73,20 @@ class _DropMimicTracebacks(logging.Filter):
         return True
 
 
+# MLflow's own HTTP client settings for the calls after the probe (its one retry layer): 3 attempts of
+# at most 10 s with ~4 s of backoff, so a tracking server that dies or hangs mid-audit is reported in
+# under a minute (MLflow's defaults, 7 retries of 120 s, take many minutes). Variables the user set win;
+# prefect.yaml gives work-pool runs the same values.
+MLFLOW_CLIENT_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
 @contextlib.contextmanager
 def _orchestrated(args: argparse.Namespace) -> Iterator[None]:
-    """Around a flow call: one-line user errors in Prefect's logs, quiet MLflow with ``-q``, and
-    Prefect's local server failing to start reported as a service outage."""
+    """Around a flow call: one-line user errors in Prefect's logs, quiet MLflow with ``-q``, MLflow's
+    client bounded (:data:`MLFLOW_CLIENT_BOUNDS`), and Prefect's local server failing to start
+    reported as a service outage."""
+    for name, value in MLFLOW_CLIENT_BOUNDS.items():
+        os.environ.setdefault(name, value)  # the command is the application: it configures its client
     if args.quiet and not getattr(args, "no_track", True):
         import mlflow  # noqa: F401 - installs its own INFO handler when imported; keep it to warnings
 

@@ -55,6 +55,7 @@ from mimic.checkpoints.messages import printable
 from mimic.errors import CheckpointError, ConfigError, MimicError
 from mimic.inputs import admit_teacher
 from mimic.store import DEFAULT_ROOT, open_store, parse_s3_uri
+from tasks.common import timeout_of
 from tasks.observe import emit
 from tasks.teacher import fetch_teacher
 
@@ -92,7 +93,7 @@ def excluded_prefixes(location: str, outputs: dict[str, str | None]) -> list[str
     return out
 
 
-@task(name="list-incoming")
+@task(name="list-incoming", timeout_seconds=timeout_of("list-incoming"))
 def list_incoming(location: str, retries: int | None = None, exclude: list[str] | tuple[str, ...] = ()) -> list[dict]:
     """Candidate checkpoints under ``location``: ``[{"uri", "name", "version"}]`` (version = size + mtime/ETag).
 
@@ -139,7 +140,7 @@ def outputs_of(services: Services, ledger: str, out_root: str) -> dict[str, str 
     return {"store": store, "out-root": out_root, "ledger": ledger, "cache": services.cache}
 
 
-@task(name="admit-teacher", cache_policy=NO_CACHE)
+@task(name="admit-teacher", cache_policy=NO_CACHE, timeout_seconds=timeout_of("admit-teacher"))
 def admit_candidate(local: str, limits) -> str:
     """The fingerprint of an incoming file; a refused (unsafe, not an encoder) file fails this task with the reason."""
     return admit_teacher(local, limits).fingerprint
@@ -151,7 +152,8 @@ def submission_key(fingerprint: str, config: dict, data_versions: dict[str, str 
     return "mimic-audit-" + hashlib.sha256(blob.encode()).hexdigest()[:40]
 
 
-@task(name="submit-audit", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+@task(name="submit-audit", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5,
+      timeout_seconds=timeout_of("submit-audit"))
 def submit_audit(deployment: str, parameters: dict, key: str, resubmit_limit: int) -> dict:
     """One run of the audit ``deployment`` for ``key`` (created once by the API however often this is
     called); a crashed one is scheduled again while it has run fewer than ``resubmit_limit`` times."""

@@ -9,13 +9,21 @@
 flow behind ``mimic audit`` and the tests call it. The stages run through a *runner*: by default
 directly in the :class:`~mimic.cache.StageCache`; the Prefect flow passes a runner that wraps each
 stage in a task keyed on the same stage key. Storage, MLflow and DVC are the fronts' business.
+
+Every stage run is bounded by ``timeouts.stage`` seconds: in a flow by Prefect's task timeout, here
+by :func:`stage_deadline`, which stops the stage the way Prefect does in the main thread (an alarm
+signal; the stage keeps what it checkpointed and its lock is released) and raises a one-line
+:class:`~mimic.errors.StageTimeout` naming the stage and the setting.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +32,7 @@ from mimic.cache import StageCache
 from mimic.checkpoints import save_encoder
 from mimic.config import Config
 from mimic.data import Dataset, ImageSet
+from mimic.errors import StageTimeout
 from mimic.identity import audit_key
 from mimic.inputs import (Attack, Teacher, admit_teacher, clean_subset, clean_version, keep_copy, load_data,
                           load_teacher, require_clean_size, resolve_attack)
@@ -41,9 +50,60 @@ log = logging.getLogger("mimic")
 Runner = Callable[[StagePlan], StageRun]
 
 
-def direct(cache: StageCache) -> Runner:
-    """Run each stage in ``cache`` in this process (the default runner)."""
-    return lambda plan: plan.run(cache)
+class _Expired(BaseException):
+    """Raised into a stage by the alarm (a BaseException, so no ``except Exception`` in a stage swallows it)."""
+
+
+@contextlib.contextmanager
+def stage_deadline(name: str, seconds: float | None, setting: str = "timeouts.stage") -> Iterator[None]:
+    """Stop the block after ``seconds`` (None or 0: no bound) with :class:`StageTimeout` for stage ``name``.
+
+    The bound is a ``SIGALRM`` timer, as Prefect's own task timeout in the main thread: it also stops a
+    stage stuck in a loop or a blocking call. Where no timer can be set (another thread, no
+    ``SIGALRM``, a timer already in use) the stage runs unbounded, with a warning.
+    """
+    if not seconds:
+        yield
+        return
+    if (not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGALRM) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+            or signal.getitimer(signal.ITIMER_REAL)[0] > 0):
+        log.warning("%s=%g s is not enforced for stage %r here (needs the main thread and a free SIGALRM timer)",
+                    setting, seconds, name)
+        yield
+        return
+    armed = True
+
+    def expire(signum: int, frame: Any) -> None:
+        if armed:
+            raise _Expired
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        yield
+    except _Expired:
+        raise StageTimeout(f"stage '{name}'", seconds, setting) from None
+    finally:
+        armed = False  # a signal already on its way after the block finished does nothing
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def direct(cache: StageCache, timeout: float | None = None) -> Runner:
+    """Run each stage in ``cache`` in this process (the default runner), each bounded by ``timeout``
+    seconds (``timeouts.stage``; None: no bound)."""
+
+    def run(plan: StagePlan) -> StageRun:
+        with stage_deadline(plan.name, timeout):
+            return plan.run(cache)
+
+    return run
+
+
+def run_stage(cfg: Config, plan: StagePlan, cache: StageCache) -> StageRun:
+    """Run one stage plan in ``cache`` bounded by ``cfg.timeouts.stage`` (what a stage command runs)."""
+    return direct(cache, cfg.timeouts.stage or None)(plan)
 
 
 @dataclass(frozen=True)
@@ -122,7 +182,7 @@ def run_audit(
     """
     t0 = time.perf_counter() if started is None else started
     cache = StageCache(root, lock_timeout=cfg.timeouts.lock or None)
-    run = runner or direct(cache)
+    run = runner or direct(cache, cfg.timeouts.stage or None)
     x = inputs or prepare(cfg, req, root)
     teacher, fp = x.teacher, x.teacher.fingerprint
     log.info("teacher %s (%s, %s), clean set %d images of %s", fp[:12], teacher.loaded.spec.name, teacher.loaded.layout,
@@ -207,8 +267,8 @@ def run_demo(cfg: Config, out_dir: str | Path, *, progress: bool = True) -> dict
     cache = StageCache(out / "cache", lock_timeout=cfg.timeouts.lock or None)
     ds = load_data(cfg)
     log.info("demo on %s: %d train / %d test images, %d classes", ds.name, len(ds.train), len(ds.test or []), ds.num_classes)
-    pre = plan_pretrain(cfg, ds, progress=progress).run(cache)
-    att = plan_attack(cfg, load_teacher(pre.path("encoder")), ds, progress=progress).run(cache)
+    pre = run_stage(cfg, plan_pretrain(cfg, ds, progress=progress), cache)
+    att = run_stage(cfg, plan_attack(cfg, load_teacher(pre.path("encoder")), ds, progress=progress), cache)
     copy_file(pre.path("encoder"), out / "clean.pt")
     copy_file(att.path("encoder"), out / "teacher.pt")
     req = AuditRequest(teacher=str(out / "teacher.pt"), data=cfg.data.source, extra_encoders={"clean": str(out / "clean.pt")})

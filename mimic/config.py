@@ -187,11 +187,13 @@ class TimeoutsConfig:
     """Bounds in seconds (0 = none), so a hung process never blocks the audits queued after it."""
 
     lock: float  # waiting for another process working on the same stage and key
-    stage: float  # one heavy stage (MI, distillation, evaluation) run as a Prefect task
+    stage: float  # one stage run (scan, MI, distillation, evaluation, ...): a Prefect task, or in-process (mimic.audit)
+    transfer: float  # a flow step that moves a model or data: fetch, admit, DVC add/push, store (tasks.common)
+    service: float  # a flow step that talks to MLflow or the Prefect API: probe, run, register, artifacts
     claim: float  # lease of a watch claim: not refreshed for this long, another watcher takes it over (flows/ledger.py)
 
     def __post_init__(self) -> None:
-        _check(self.lock >= 0 and self.stage >= 0 and self.claim >= 0, "timeouts.* must be >= 0 seconds (0 = no limit)")
+        _check(all(getattr(self, f.name) >= 0 for f in fields(self)), "timeouts.* must be >= 0 seconds (0 = no limit)")
 
 
 @dataclass(frozen=True)

@@ -378,6 +378,7 @@ def batches(n: int, batch_size: int, g: torch.Generator | None = None, drop_last
         yield order[i : i + batch_size]
 
 
-def require_size(images: ImageSet, minimum: int, what: str) -> None:
+def require_size(images: ImageSet, minimum: int, what: str, *, reason: str | None = None) -> None:
+    """The one size check: refuse fewer than ``minimum`` images (``reason`` says why, default "need at least N")."""
     if len(images) < minimum:
-        raise DataError(f"{what}: {len(images)} images, need at least {minimum}")
+        raise DataError(f"{what}: {len(images)} images, {reason or f'need at least {minimum}'}")

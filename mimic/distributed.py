@@ -37,6 +37,31 @@ from torch import Tensor, nn
 from mimic.errors import ConfigError, TrainingDiverged
 
 
+class _GatherRows(torch.autograd.Function):
+    """Every rank's ``t`` (equal shapes), concatenated in rank order along dim 0, with public collectives
+    only. Backward: each rank's gradient of the whole result, summed over the ranks, sliced to its own rows
+    (a reduce-scatter, as an all-reduce: gloo has no reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        t = t.contiguous()
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t)
+        ctx.rows = len(t)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        total = grad.clone(memory_format=torch.contiguous_format)  # the incoming gradient is not ours to change
+        dist.all_reduce(total)
+        lo = dist.get_rank() * ctx.rows
+        return total[lo : lo + ctx.rows]
+
+
 @dataclass(frozen=True)
 class World:
     """This process's place among the ranks (``size == 1``: no process group, no communication)."""
@@ -62,14 +87,12 @@ class World:
         """
         if self.size == 1:
             return t
-        from torch.distributed._functional_collectives import all_gather_single  # torch's autograd-aware gather
-
         sizes = [World(r, self.size).shard(n) for r in range(self.size)]
         width = max(hi - lo for lo, hi in sizes)
         pad = width - len(t)
         if pad:
             t = torch.cat([t, t.new_zeros((pad, *t.shape[1:]))])
-        rows = all_gather_single(t.contiguous(), 0, torch.distributed.group.WORLD)
+        rows = _GatherRows.apply(t)
         return torch.cat([rows[r * width : r * width + hi - lo] for r, (lo, hi) in enumerate(sizes)])
 
     def sum_(self, t: Tensor) -> Tensor:

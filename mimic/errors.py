@@ -43,3 +43,17 @@ class StoreUnavailable(StoreError, ServiceUnavailable):
 
 class TrackingUnavailable(ServiceUnavailable):
     """The MLflow tracking server could not be reached or kept failing."""
+
+
+class StageTimeout(MimicError):
+    """A stage or a service step ran past its ``timeouts.*`` bound (hung, or slower than the bound allows).
+
+    ``what``: ``"stage 'distill'"`` or ``"task 'fetch-teacher'"``; ``setting``: the key that raises the bound.
+    """
+
+    def __init__(self, what: str, seconds: float, setting: str = "timeouts.stage") -> None:
+        self.what, self.seconds, self.setting = what, seconds, setting
+        super().__init__(f"{what} exceeded {setting}={seconds:g} s; raise it with --set {setting}=SECONDS (0 = no limit)")
+
+    def __reduce__(self):  # pickled by Prefect with the failed state: rebuild from the parts, not the message
+        return (type(self), (self.what, self.seconds, self.setting))

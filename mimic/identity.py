@@ -16,7 +16,7 @@ A stage's key is a hash of everything that can change what it computes:
 The *resume lineage* of a training stage is the same key without the params that only extend a
 run (``distill.epochs``): a longer run resumes from the checkpoint of a shorter one.
 
-The Prefect cache key (``tasks.cache``), the on-disk layout ``ROOT/<stage>/<key>/``
+The Prefect cache key (``tasks.stages.StageKeyPolicy``), the on-disk layout ``ROOT/<stage>/<key>/``
 (:mod:`mimic.cache`), the resume lineage and the code dependencies of ``dvc.yaml`` all come from
 :data:`STAGES` below.
 """

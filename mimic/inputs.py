@@ -6,8 +6,8 @@
   the original path mid-audit cannot poison a cache.
 * :func:`load_data` keeps loaded datasets per process, keyed by the source and (for files) their
   size and modification time.
-* :func:`clean_subset`, :func:`labelled_train`, :func:`require_clean_size`, :func:`resolve_attack`
-  are the one place each of these rules lives.
+* :func:`clean_subset`, :func:`labelled_train`, :func:`require_clean_size`, :func:`load_trigger`,
+  :func:`resolve_attack` are the one place each of these rules lives.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 
 from mimic.checkpoints import LoadedEncoder, Limits, load_encoder
 from mimic.config import Config
-from mimic.data import Dataset, ImageSet, content_hash, load_dataset, stratified_indices
+from mimic.data import Dataset, ImageSet, content_hash, load_dataset, require_size, stratified_indices
 from mimic.errors import CheckpointError, DataError
 from mimic.fingerprint import fingerprint_encoder
 from mimic.io import copy_file
@@ -99,9 +99,11 @@ def admit_teacher(source: str | os.PathLike[str], limits: Limits | None = None) 
 
     def make() -> Teacher:
         loaded = load_encoder(src, limits=limits)
+        if loaded.sha256 != sha:  # replaced between hashing and loading: the weights are not those hashed
+            raise DataError(f"{source}: the file changed while it was being read; try again")
         return Teacher(src, str(source), sha, loaded, fingerprint_encoder(loaded.encoder))
 
-    return _teachers.get_or((sha, limits), make)
+    return _teachers.get_or((sha, limits or Limits()), make)  # None and the default limits are one key: one load
 
 
 def keep_copy(teacher: Teacher, copy_dir: str | Path) -> Teacher:
@@ -159,11 +161,9 @@ def clean_version(clean: ImageSet) -> str:
 
 
 def require_clean_size(cfg: Config, clean: ImageSet, source: str = "clean set") -> None:
-    """Distillation needs at least one full batch of clean images."""
-    need = max(cfg.distill.batch_size, 2)
-    if len(clean) < need:
-        raise DataError(f"clean set: {len(clean)} images, fewer than one batch ({cfg.distill.batch_size}) in {source}; "
-                        "add images or lower distill.batch_size")
+    """Distillation needs at least one full batch of clean images (:func:`mimic.data.require_size`)."""
+    require_size(clean, max(cfg.distill.batch_size, 2), "clean set",
+                 reason=f"fewer than one batch ({cfg.distill.batch_size}) in {source}; add images or lower distill.batch_size")
 
 
 def labelled_train(cfg: Config, ds: Dataset) -> ImageSet:
@@ -204,12 +204,30 @@ class Attack:
 NO_ATTACK = Attack(None, None, None)
 
 
-def resolve_attack(teacher: LoadedEncoder | None, trigger_path: str | None = None, target: int | None = None) -> Attack:
-    """The ASR trigger + target: from ``--trigger``/``--target-class``, else from the teacher file."""
-    trigger = Trigger.load_npz(trigger_path) if trigger_path else (Trigger.from_extras(teacher.extras) if teacher else None)
-    given = bool(trigger_path) or target is not None
-    if target is None and teacher is not None:
-        target = _target_from(teacher.extras)
+def load_trigger(source: str | None, holder: LoadedEncoder | None = None,
+                 checkpoints: Limits | None = None) -> tuple[Trigger | None, LoadedEncoder | None]:
+    """The one trigger lookup: the trigger NPZ ``source`` if given, else the trigger stored in a checkpoint's
+    extras (None when it carries none). That checkpoint is ``holder``, or -- given ``checkpoints``, the limits
+    a checkpoint is admitted within (``--trigger NPZ|PT``) -- ``source`` itself when it does not end in
+    ``.npz``. Returns the trigger and the checkpoint it was looked up in (None for a trigger file)."""
+    if source and (checkpoints is None or source.endswith(".npz")):
+        return Trigger.load_npz(source), None
+    if source:
+        holder = admit_teacher(source, checkpoints).loaded
+    return (Trigger.from_extras(holder.extras) if holder is not None else None), holder
+
+
+def resolve_attack(teacher: LoadedEncoder | None, trigger_path: str | None = None, target: int | None = None,
+                   *, checkpoints: Limits | None = None) -> Attack:
+    """The ASR trigger + target: from ``--trigger``/``--target-class``, else from the teacher file.
+    ``trigger_path`` is a trigger NPZ or, given ``checkpoints``, a checkpoint carrying one (:func:`load_trigger`);
+    a target not given is read from the checkpoint the trigger came from, else from the teacher."""
+    trigger, holder = load_trigger(trigger_path, teacher, checkpoints)
+    given = (bool(trigger_path) and holder is None) or target is not None
+    if holder is None:
+        holder = teacher
+    if target is None and holder is not None:
+        target = _target_from(holder.extras)
     if trigger is None or target is None:
         return NO_ATTACK
     return Attack(trigger, int(target), "given" if given else "teacher")

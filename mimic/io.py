@@ -1,4 +1,4 @@
-"""Atomic file writes: the one place mimic writes a file that someone else may read.
+"""Atomic file writes: the one place mimic writes a file (or copies a folder) that someone else may read.
 
 Every writer goes through :func:`atomic_write`: the content goes to a uniquely named temporary
 file in the target's directory (so concurrent writers never collide), is flushed and fsynced,
@@ -89,3 +89,22 @@ def copy_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
 
     with open(src, "rb") as f:
         return atomic_write(dst, lambda out: shutil.copyfileobj(f, out, 1 << 20))
+
+
+def copy_tree(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
+    """Atomically copy the folder ``src`` to ``dst``: into a unique temporary folder beside ``dst``, then
+    renamed into place (the folder appears complete or not at all; an existing non-empty ``dst`` is an
+    ``OSError``)."""
+    import shutil
+
+    target = Path(dst)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)  # also copies src's mode over mkdtemp's 0700
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(target.parent)
+    return target

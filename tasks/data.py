@@ -20,12 +20,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from prefect import task
+
+from mimic.io import copy_file, copy_tree
 
 REMOTE = "mimic"  # the name the registry gives a remote passed on the command line
 
@@ -95,13 +96,7 @@ def _add(repo, kind: str, path: Path) -> dict:
     rel = Path(kind) / md5.removesuffix(".dir") / path.name
     target = Path(repo.root_dir) / rel
     if not Path(f"{target}.dvc").exists():
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        if path.is_dir():
-            shutil.copytree(path, tmp)
-        else:
-            tmp.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, tmp)
-        os.replace(tmp, target)
+        (copy_tree if path.is_dir() else copy_file)(path, target)  # appears complete or not at all
         repo.add(str(target))
     return {"md5": md5, "path": rel.as_posix(), "dvc_file": f"{rel.as_posix()}.dvc"}
 

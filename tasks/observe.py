@@ -17,6 +17,8 @@ from typing import Any
 
 from prefect import task
 
+from tasks.common import timeout_of
+
 
 def artifact_key(fingerprint: str) -> str:
     return f"audit-{fingerprint[:12].lower()}"
@@ -38,7 +40,7 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.1f}"
 
 
-@task(name="publish-artifacts")
+@task(name="publish-artifacts", timeout_seconds=timeout_of("publish-artifacts"))
 def publish(results: dict[str, Any]) -> dict[str, str]:
     """The table and markdown artifacts of one audit; returns their keys."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact

@@ -20,6 +20,7 @@ from pathlib import PurePosixPath
 
 from prefect import task
 
+from tasks.common import timeout_of
 from tasks.tracking import tracking
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -39,7 +40,7 @@ def _exists(exc: Exception) -> bool:
     return "RESOURCE_ALREADY_EXISTS" in text or "already exists" in text.lower()
 
 
-@task(name="register-student")
+@task(name="register-student", timeout_seconds=timeout_of("register-student"))
 def register_student(name: str, alias: str, model_uri: str, run_id: str, tags: dict[str, str], passed: bool) -> dict:
     """A version of ``name`` for a passing student, with ``alias`` moved to it; nothing for a rejected one."""
     if not passed:

@@ -22,9 +22,11 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import CachePolicy
 from prefect.concurrency.sync import concurrency
+from prefect.task_engine import TaskRunTimeoutError
 
 from mimic.audit import Runner
 from mimic.cache import StageCache
+from mimic.errors import StageTimeout
 from mimic.stages.common import StagePlan, StageRun
 
 RECORD = "prefect-record"
@@ -56,8 +58,9 @@ def accelerator_slot(limit: str | None):
 
 
 def prefect_runner(cache: StageCache, *, timeout_seconds: float | None = None, slot_limit: str | None = None) -> Runner:
-    """Run each stage plan as a cached Prefect task (``timeout_seconds`` bounds a hung stage; ``slot_limit``:
-    the concurrency limit a computing stage holds a slot of)."""
+    """Run each stage plan as a cached Prefect task (``timeout_seconds``: Prefect's bound of one stage run,
+    ``timeouts.stage``; past it the stage fails with a one-line :class:`~mimic.errors.StageTimeout`;
+    ``slot_limit``: the concurrency limit a computing stage holds a slot of)."""
     root = str(Path(cache.root).resolve())
 
     def run(plan: StagePlan) -> StageRun:
@@ -72,7 +75,10 @@ def prefect_runner(cache: StageCache, *, timeout_seconds: float | None = None, s
         t = task(stage_task, name=plan.name, task_run_name=plan.name, cache_policy=policy, persist_result=True,
                  result_serializer="json", cache_result_in_memory=False, timeout_seconds=timeout_seconds)
         state = t(return_state=True)
-        result = state.result()  # raises the stage's own error when it failed
+        try:
+            result = state.result()  # raises the stage's own error when it failed
+        except TaskRunTimeoutError:
+            raise StageTimeout(f"stage '{plan.name}'", timeout_seconds, "timeouts.stage") from None
         return StageRun.from_dict(result, cached=state.name == "Cached" or bool(result["cached"]))
 
     return run

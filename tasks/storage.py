@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from prefect import task
 
+from tasks.common import timeout_of
 
-@task(name="store-student")
+
+@task(name="store-student", timeout_seconds=timeout_of("store-student"))
 def store_student_task(student_file: str, teacher_fingerprint: str, meta: dict, store_uri: str | None, run: str,
                        retries: int | None = None, sse: str | None = None, kms_key_id: str | None = None) -> dict:
     """Verified, atomic upload under ``<sanitized|quarantine>/<teacher fingerprint>/<run>/`` (by the verdict in

@@ -30,7 +30,7 @@ from typing import Any
 from prefect import task
 
 from mimic.errors import MimicError, TrackingUnavailable
-from tasks.common import NETWORK
+from tasks.common import NETWORK, timeout_of
 
 log = logging.getLogger("mimic")
 PYFUNC = Path(__file__).with_name("pyfunc_student.py")
@@ -87,7 +87,7 @@ def result_metrics(results: dict) -> dict[str, float]:
     return out
 
 
-@task(name="probe-mlflow", **NETWORK)
+@task(name="probe-mlflow", timeout_seconds=timeout_of("probe-mlflow"), **NETWORK)
 def probe() -> str:
     """Check that the tracking server answers (http/https URIs; local stores always do); returns the URI."""
     import mlflow
@@ -132,7 +132,7 @@ def _dataset(source: str, md5: str | None, version: str, name: str) -> Any:
     return MetaDataset(src, name=name, digest=(md5 or version)[:36])._to_mlflow_entity()
 
 
-@task(name="open-mlflow-run")
+@task(name="open-mlflow-run", timeout_seconds=timeout_of("open-mlflow-run"))
 def open_run(experiment: str, run_name: str, tags: dict[str, str], params: dict, inputs: dict) -> dict:
     """A RUNNING run with the config, tags, the clean/eval datasets and the teacher as inputs.
 
@@ -212,7 +212,7 @@ class LiveRun:
         self._log([Metric(k, float(v), now, 0) for k, v in nums.items() if _number(v)], {"mimic.progress": f"{name} done"})
 
 
-@task(name="finish-mlflow-run")
+@task(name="finish-mlflow-run", timeout_seconds=timeout_of("finish-mlflow-run"))
 def finish_run(ids: dict, results: dict, out_dir: str, student_file: str, example: Any, logged_epochs: list[int]) -> dict:
     """Log the audit's outcome in its run and close it FINISHED; returns the student's logged model."""
     import json
@@ -265,7 +265,7 @@ def finish_run(ids: dict, results: dict, out_dir: str, student_file: str, exampl
     return {"model_uri": info.model_uri, "model_id": info.model_id}
 
 
-@task(name="fail-mlflow-run")
+@task(name="fail-mlflow-run", timeout_seconds=timeout_of("fail-mlflow-run"))
 def fail_run(run_id: str, error: str) -> None:
     """Close the run FAILED with the one-line error (what a failed audit leaves in MLflow)."""
     from mlflow import MlflowClient

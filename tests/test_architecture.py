@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -130,3 +131,100 @@ def test_dvc_stages_depend_on_the_code_and_params_of_their_stage(dvc_stage, stag
         for p in identity.STAGES[s].params:
             assert p in params or any(p.startswith(q + ".") for q in params), (s, p)
     assert {"device", "precision"} <= params  # the runtime identity
+
+
+# ---------------------------------------------------------------------------------------------
+# no private torch module, one writer
+
+
+def _sources():
+    for folder in ("mimic", "tasks", "flows"):
+        for p in sorted((ROOT / folder).rglob("*.py")):
+            yield p, ast.parse(p.read_text(), filename=str(p))
+
+
+def _private_torch(name: str) -> bool:
+    parts = name.split(".")
+    return parts[0] == "torch" and any(part.startswith("_") for part in parts[1:])
+
+
+def _private_torch_imports(tree: ast.AST) -> list[str]:
+    """``import torch._x`` / ``from torch.y._z import w`` / ``from torch import _x`` in ``tree`` (imports only:
+    strings naming torch internals, such as pickle_scan's allow-list, are data)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if _private_torch(a.name)]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found += [f"{node.module}.{a.name}" for a in node.names if _private_torch(f"{node.module}.{a.name}")]
+    return found
+
+
+def test_no_private_torch_module_is_imported():
+    """Rule 5: only torch's public API (a private module changes or vanishes between releases)."""
+    bad = [f"{p.relative_to(ROOT)}: {name}" for p, tree in _sources() for name in _private_torch_imports(tree)]
+    assert not bad, bad
+
+
+def test_the_private_import_check_would_catch_one():
+    for code in ("import torch._dynamo", "from torch.distributed._functional_collectives import all_gather_single",
+                 "from torch import _utils", "def f():\n    import torch.nn._reduction as r\n"):
+        assert _private_torch_imports(ast.parse(code)), code
+    for code in ("import torch.distributed as dist", "from torch.distributed.nn.functional import all_gather",
+                 "ALLOWED = {'torch._utils._rebuild_tensor_v2'}", "from ._impl import x"):
+        assert not _private_torch_imports(ast.parse(code)), code
+
+
+RENAMES = {("os", "replace"), ("os", "rename"), ("tempfile", "NamedTemporaryFile")}
+
+
+def _renames(tree: ast.AST) -> list[str]:
+    """Uses of ``os.replace`` / ``os.rename`` / ``tempfile.NamedTemporaryFile`` (attribute or imported name)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and (node.value.id, node.attr) in RENAMES:
+            found.append(f"{node.value.id}.{node.attr} (line {node.lineno})")
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            found += [f"from {node.module} import {a.name} (line {node.lineno})" for a in node.names
+                      if (node.module, a.name) in RENAMES]
+    return found
+
+
+def test_files_are_replaced_only_in_mimic_io():
+    """Rule 4: one place writes a file atomically (mimic/io.py); everyone else calls it."""
+    bad = [f"{p.relative_to(ROOT)}: {use}" for p, tree in _sources() if p != ROOT / "mimic" / "io.py"
+           for use in _renames(tree)]
+    assert not bad, bad
+    assert _renames(ast.parse((ROOT / "mimic" / "io.py").read_text()))  # the check sees the real one
+
+
+def test_the_rename_check_would_catch_one():
+    for code in ("os.replace(a, b)", "os.rename(a, b)", "from os import replace", "tempfile.NamedTemporaryFile()",
+                 "from tempfile import NamedTemporaryFile"):
+        assert _renames(ast.parse(code)), code
+    for code in ("s.replace('a', 'b')", "dataclasses.replace(x)", "tempfile.mkdtemp()"):
+        assert not _renames(ast.parse(code)), code
+
+
+def test_an_audit_loads_its_teacher_and_its_data_once(tmp_path, random_teacher, monkeypatch, one_thread):
+    """Issue 11, rule 5b: the teacher file is read and checked once per audit (every stage reads the
+    content-addressed copy through the same per-process memo) and the dataset is loaded once."""
+    import mimic.inputs as inputs
+    from mimic.audit import AuditRequest, run_audit
+    from mimic.config import load_config
+
+    loads: list[str] = []
+    datasets: list[str] = []
+    real_load, real_dataset = inputs.load_encoder, inputs.load_dataset
+    monkeypatch.setattr(inputs, "load_encoder", lambda path, **kw: loads.append(str(path)) or real_load(path, **kw))
+    monkeypatch.setattr(inputs, "load_dataset", lambda *a, **kw: datasets.append(repr(a)) or real_dataset(*a, **kw))
+    monkeypatch.setattr(inputs, "_teachers", inputs._Memo())
+    monkeypatch.setattr(inputs, "_datasets", inputs._Memo())
+    cfg = load_config(profile="tiny", sets=["data.synthetic_train=300", "data.synthetic_test=100"])
+    res = run_audit(cfg, AuditRequest(teacher=str(random_teacher), data="synthetic"), root=tmp_path / "cache",
+                    out_dir=tmp_path / "out", progress=False)
+    assert res["student_ca"] is not None
+    want = inputs.file_sha256(random_teacher)
+    teacher_loads = [p for p in loads if inputs.file_sha256(p) == want]
+    assert teacher_loads == [str(random_teacher)], loads  # once, from the path the user named; later stages hit the memo
+    assert len(datasets) == 1, datasets

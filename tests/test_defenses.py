@@ -93,3 +93,26 @@ def test_defences_are_their_own_stages():
     assert "mimic.defenses.prune" not in identity.code_modules("unlearn")
     assert "mimic.defenses.unlearn" not in identity.code_modules("prune")
     assert not any(m.startswith("mimic.defenses") for m in identity.code_modules("distill"))
+
+
+def test_one_trigger_lookup_for_npz_files_and_checkpoints(zoo, zoo_teacher, tmp_path):
+    """mimic.inputs.load_trigger/resolve_attack: what `defend --trigger`, `evaluate --trigger` and the audit read."""
+    from mimic.inputs import load_trigger, resolve_attack
+
+    teacher, run = zoo_teacher
+    stored = Trigger.from_extras(teacher.extras)
+    stored.save_npz(tmp_path / "trigger.npz")
+    path, limits = str(run.path("encoder")), zoo.cfg.limits
+    from_npz, holder = load_trigger(str(tmp_path / "trigger.npz"), checkpoints=limits)
+    assert holder is None and torch.equal(from_npz.mask, stored.mask)
+    from_ckpt, holder = load_trigger(path, checkpoints=limits)
+    assert holder is not None and torch.equal(from_ckpt.patch, stored.patch)
+    assert load_trigger(None, teacher)[0] is not None and load_trigger(None) == (None, None)
+    # a checkpoint as --trigger: its stored target, "teacher" unless a target is given
+    assert (resolve_attack(None, path, checkpoints=limits).source, resolve_attack(None, path, checkpoints=limits).target) == ("teacher", 0)
+    assert resolve_attack(None, path, 3, checkpoints=limits).source == "given"
+    # an NPZ: "given"; the target from the teacher when none is given (the audit's call)
+    attack = resolve_attack(teacher, str(tmp_path / "trigger.npz"))
+    assert (attack.source, attack.target) == ("given", 0)
+    assert resolve_attack(None, str(tmp_path / "trigger.npz")).known is False  # no target anywhere
+    assert resolve_attack(teacher).source == "teacher" and resolve_attack(None, None, checkpoints=limits).known is False

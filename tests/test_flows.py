@@ -288,3 +288,55 @@ def test_refused_teacher_ends_failed_with_the_reason_and_an_event(pipeline_env):
     assert failed, [(r.name, r.state.message) for r in runs]
     events = _wait_events("mimic.audit.refused", "unknown", 1, lambda e: e.resource["prefect.resource.name"] == str(evil))
     assert any(e.resource["prefect.resource.name"] == str(evil) and str(refused.value) in e.payload["reason"] for e in events)
+
+
+def test_watch_once_over_every_hostile_file_audits_the_good_teachers_and_reports_each_hostile_one_once(
+        pipeline_env, tiny_teachers, capsys):  # fmt: skip
+    """Issue 12's acceptance: one folder holding every hostile file of tests/hostile.py (size bombs,
+    wrongly typed extras, deep JSON, memo bomb, ambiguous archives, bad normalisation, ...), a code
+    payload, a symlink out, a text file and a newline name, plus two good teachers. ``mimic watch
+    --once`` audits the two good ones, refuses each hostile one once with its own reason, never
+    crashes; the next tick reports none of them again."""
+    from hostile import CASES
+
+    from mimic.cli import main
+
+    incoming, outside = pipeline_env / "incoming", pipeline_env / "outside"
+    incoming.mkdir()
+    outside.mkdir()
+    shutil.copy(tiny_teachers["teacher"], incoming / "good-teacher.pt")
+    shutil.copy(tiny_teachers["clean"], incoming / "good-clean.pt")
+    expected: dict[str, str] = {}
+    for case in CASES:
+        built = case.build(outside)
+        name = f"{case.name}{built.suffix}"
+        built.rename(incoming / name)
+        expected[name] = case.expect
+    (incoming / "payload.pt").write_bytes(b"\x80\x04cos\nsystem\n.")
+    expected["payload.pt"] = "os.system"
+    (outside / "secret.pt").write_text("TOPSECRET\n")
+    (incoming / "link.pt").symlink_to(outside / "secret.pt")
+    expected["link.pt"] = "symlink"
+    (incoming / "notes.pt").write_text("TOPSECRET\n")
+    expected["notes.pt"] = "text file"
+    (incoming / "odd\nname.pt").write_bytes(b"x")
+    expected["odd\nname.pt"] = ""
+    common = ["--data", "synthetic", "--profile", "tiny", "--no-track", "--quiet", *open_gate_args(),
+              "--store", str(pipeline_env / "store"), "--out-root", str(pipeline_env / "out"),
+              "--cache", str(pipeline_env / "cache"), "--ledger", str(pipeline_env / "ledger")]
+    rc = main(["watch", str(incoming), "--once", *common, "--json", "tick1.json"])
+    tick = json.loads(Path("tick1.json").read_text())
+    assert sorted(Path(a["uri"]).name for a in tick["audited"]) == ["good-clean.pt", "good-teacher.pt"], tick["audited"]
+    assert all(a["verdict"] == "sanitized" for a in tick["audited"]) and rc == 0, (rc, tick["audited"])
+    assert tick["failed"] == [], tick["failed"]
+    refused = [Path(r["uri"]).name for r in tick["refused"]]
+    assert sorted(refused) == sorted(expected), sorted(set(expected) ^ set(refused))  # each once, none missing
+    for r in tick["refused"]:
+        assert expected[Path(r["uri"]).name] in r["reason"], r
+        assert "\n" not in r["reason"] and "TOPSECRET" not in r["reason"], r
+    out = capsys.readouterr().out
+    assert f"2 audited, 0 already seen, {len(expected)} refused, 0 failed" in out, out
+    assert main(["watch", str(incoming), "--once", *common, "--json", "tick2.json"]) == 0
+    again = json.loads(Path("tick2.json").read_text())
+    assert again["audited"] == [] and again["refused"] == [] and again["failed"] == [], again
+    assert "0 audited, 2 already seen, 0 refused, 0 failed" in capsys.readouterr().out

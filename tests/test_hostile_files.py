@@ -266,3 +266,48 @@ def test_refusals_stay_under_the_rss_bound(tmp_path):
     assert report["ok"] and report["worst_refusal_delta_mb"] < 300
     assert {r["case"] for r in report["rows"]} >= {c.name for c in CASES}
     assert all(r["as_expected"] for r in report["rows"]), [r for r in report["rows"] if not r["as_expected"]]
+
+
+def test_a_teacher_swapped_mid_audit_cannot_poison_a_cache(tmp_path, monkeypatch):
+    """Issue 12, point 6: the teacher is read once; what was loaded is what was hashed, and every later
+    stage reads a content-addressed copy, so replacing the original path at any moment either fails
+    the audit in one line or changes nothing."""
+    import mimic.inputs as inputs
+    from mimic.errors import DataError
+
+    a, b = tmp_path / "teacher.pt", tmp_path / "other.pt"
+    save_encoder(a, Encoder(EncoderSpec(width=4)).eval())
+    torch.manual_seed(1)
+    save_encoder(b, Encoder(EncoderSpec(width=4)).eval())
+    want_sha = inputs.file_sha256(a)
+
+    # swapped between hashing and loading: refused, never cached under the first file's hash
+    real_load = inputs.load_encoder
+
+    def swap_then_load(path, **kw):
+        Path(path).write_bytes(b.read_bytes())
+        return real_load(path, **kw)
+
+    victim = tmp_path / "victim.pt"
+    victim.write_bytes(a.read_bytes())
+    monkeypatch.setattr(inputs, "load_encoder", swap_then_load)
+    with pytest.raises(DataError, match="changed while it was being read"):
+        inputs.admit_teacher(victim)
+    monkeypatch.setattr(inputs, "load_encoder", real_load)
+
+    # swapped after admission, before the copy: refused
+    victim.write_bytes(a.read_bytes())
+    admitted = inputs.admit_teacher(victim)
+    assert admitted.sha256 == want_sha == admitted.loaded.sha256
+    victim.write_bytes(b.read_bytes())
+    with pytest.raises(DataError, match="changed while it was being read"):
+        inputs.keep_copy(admitted, tmp_path / "copies")
+    assert not list((tmp_path / "copies").glob("*"))
+
+    # swapped after the copy: every stage reads the copy, which holds the hashed bytes
+    victim.write_bytes(a.read_bytes())
+    kept = inputs.keep_copy(admitted, tmp_path / "copies")
+    victim.write_bytes(b.read_bytes())
+    assert kept.path != victim and inputs.file_sha256(kept.path) == want_sha
+    assert inputs.admit_teacher(kept.path).fingerprint == admitted.fingerprint
+    assert inputs.admit_teacher(victim).fingerprint != admitted.fingerprint

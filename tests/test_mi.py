@@ -70,7 +70,7 @@ def test_mapping_is_a_validated_mi_param():
     from mimic.config import load_config
     from mimic.errors import ConfigError
 
-    assert load_config().mi.mapping == "share"  # the paper's stays the default (docs/results.md: the matrix decides)
+    assert load_config().mi.mapping == "share"  # the paper's stays the default (scenarios/zoo's matrix decides: its "sharp" cells, docs/results.md)
     with pytest.raises(ConfigError, match="mi.mapping"):
         load_config(sets=["mi.mapping=cubic"])
     with pytest.raises(ConfigError, match="mi.temperature"):

@@ -93,6 +93,44 @@ def test_mlflow_down_then_back(pipeline_env, tiny_teachers, monkeypatch):
         stop_process(server)
 
 
+def test_a_hung_mlflow_server_is_reported_within_a_minute_by_default(pipeline_env, tiny_teachers, monkeypatch, capsys):
+    """Issue 15: with the default settings (no --retries, no MLflow variables), a tracking server that
+    accepts connections but never answers ends `mimic audit` with exit 1 and one line naming MLflow,
+    in under 60 s and before any heavy work; the command bounds MLflow's own client for later calls."""
+    import socket
+    import time
+
+    from flows.cli import MLFLOW_CLIENT_BOUNDS
+    from mimic.cli import main
+
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(64)  # the kernel completes the handshakes; nobody ever reads or answers
+    for name in MLFLOW_CLIENT_BOUNDS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{hung.getsockname()[1]}")
+    try:
+        t0 = time.monotonic()
+        rc = main(["audit", "--teacher", str(tiny_teachers["teacher"]), "--data", "synthetic", "--profile", "tiny",
+                   "--out", str(pipeline_env / "audit"), "--quiet"])
+        elapsed = time.monotonic() - t0
+    finally:
+        hung.close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and elapsed < 60, (rc, elapsed, err)
+    assert err and err[-1].startswith("mimic: error:") and "MLflow" in err[-1], err  # Prefect's own log lines precede it
+    assert not any("Traceback" in line for line in err), err
+    assert not (pipeline_env / "audit" / "results.json").exists()  # reported before the stages ran
+    import os
+
+    assert {k: os.environ[k] for k in MLFLOW_CLIENT_BOUNDS} == MLFLOW_CLIENT_BOUNDS
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")  # the user's own value wins
+    from flows.cli import _orchestrated
+
+    with _orchestrated(type("Args", (), {"quiet": False})()):
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "30"
+
+
 CONCURRENT = """
 import json, sys
 from mimic.cache import StageCache

@@ -41,7 +41,12 @@ def servers(tmp_path, s3_env, monkeypatch):
         monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{pport}/api")
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{mport}")
         monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        yield {"bucket": s3_env, "prefect": f"http://127.0.0.1:{pport}/api", "mlflow": f"http://127.0.0.1:{mport}"}
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        # the environment reaches the subprocesses; this process's Prefect settings were fixed when it
+        # first imported prefect (an earlier test's server), so they are pointed at this server too
+        with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{pport}/api"}):
+            yield {"bucket": s3_env, "prefect": f"http://127.0.0.1:{pport}/api", "mlflow": f"http://127.0.0.1:{mport}"}
     finally:
         stop_process(mlflow)
         stop_process(prefect)

@@ -29,6 +29,7 @@ from mimic.checkpoints.layouts import imported_layout, mimic_payload
 from mimic.checkpoints.limits import DEFAULT_LIMITS, Limits
 from mimic.checkpoints.messages import fail, over_limit, printable
 from mimic.checkpoints.reader import read_raw as _read_raw
+from mimic.checkpoints.reader import read_raw_hashed
 from mimic.checkpoints.safetensors_header import SafetensorsContent
 from mimic.encoders import ARCHITECTURES, CIFAR10_MEAN, CIFAR10_STD, Encoder, EncoderSpec
 from mimic.errors import ConfigError, MimicError
@@ -70,6 +71,7 @@ class LoadedEncoder:
     meta: dict  # plain metadata from our format ({} otherwise)
     extras: dict  # extras from our format, validated ({} otherwise)
     ignored: tuple[str, ...]  # keys deliberately dropped (heads, momentum copies, queues)
+    sha256: str  # of the bytes this was loaded from (read once: what was loaded is what was hashed)
 
 
 def _label(name: str, origin: Mapping[str, str]) -> str:
@@ -187,7 +189,7 @@ def load_encoder(
     """
     limits = limits or DEFAULT_LIMITS
     source = os.fspath(path)
-    raw = _read_raw(path, limits)
+    raw, sha256 = read_raw_hashed(path, limits)
     sd, layout, file_spec, meta, extras, ignored, origin = _file_contents(raw, source, limits)
     _check_tensor_kinds(sd, origin, source)
 
@@ -225,7 +227,8 @@ def load_encoder(
     except Exception as exc:  # noqa: BLE001 - should not happen after the checks above
         raise fail(source, f"cannot load weights into {final.name}: {printable(str(exc), 200)}") from None
     encoder.eval()
-    return LoadedEncoder(encoder=encoder, spec=final, layout=layout, meta=meta, extras=extras, ignored=ignored)
+    return LoadedEncoder(encoder=encoder, spec=final, layout=layout, meta=meta, extras=extras, ignored=ignored,
+                         sha256=sha256)
 
 
 @boundary

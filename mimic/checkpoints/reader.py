@@ -13,6 +13,7 @@ tensors whose declared shape exceeds their storage (a stride-0 view of one eleme
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -128,9 +129,21 @@ def read_raw(path: str | os.PathLike[str], limits: Limits | None = None) -> obje
     Returns the unpickled object (plain containers and tensors only) for PyTorch files and a
     :class:`SafetensorsContent` for safetensors files. Raises CheckpointError otherwise.
     """
+    return read_raw_hashed(path, limits)[0]
+
+
+def read_raw_hashed(path: str | os.PathLike[str], limits: Limits | None = None) -> tuple[object, str]:
+    """:func:`read_raw`, plus the SHA-256 of the very bytes that were read (the file is read once):
+    what was loaded is provably what was hashed, whatever happens to the path afterwards."""
     limits = limits or DEFAULT_LIMITS
     source = os.fspath(path)
-    data = read_bytes(path, limits)
+    box = [read_bytes(path, limits)]  # _parse takes the only reference, so it can drop the bytes early
+    sha256 = hashlib.sha256(box[0]).hexdigest()
+    return _parse(box, source, limits), sha256
+
+
+def _parse(box: list[bytes], source: str, limits: Limits) -> object:
+    data = box.pop()
     kind = sniff(data)
     if kind == "safetensors":
         raw: object = read_safetensors(data, source, limits)

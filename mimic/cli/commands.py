@@ -58,6 +58,13 @@ def cache_of(args: argparse.Namespace):
     return StageCache(args.cache)
 
 
+def run_stage(cfg: Any, plan: Any, cache: Any) -> Any:
+    """A stage command's one stage, bounded by ``timeouts.stage`` like every audit stage."""
+    from mimic.audit import run_stage as bounded
+
+    return bounded(cfg, plan, cache)
+
+
 def export(run: Any, out: Path) -> dict:
     """Copy a stage run's outputs and its manifest into ``out`` (a DVC output directory)."""
     from mimic.cache import MANIFEST
@@ -117,8 +124,8 @@ def cmd_teacher(args: argparse.Namespace) -> dict:
         from mimic.stages.pretrain import plan_pretrain
 
         ds, cache = load_data(cfg), cache_of(args)
-        pre = plan_pretrain(cfg, ds, progress=not args.quiet).run(cache)
-        att = plan_attack(cfg, load_teacher(pre.path("encoder")), ds, progress=not args.quiet).run(cache)
+        pre = run_stage(cfg, plan_pretrain(cfg, ds, progress=not args.quiet), cache)
+        att = run_stage(cfg, plan_attack(cfg, load_teacher(pre.path("encoder")), ds, progress=not args.quiet), cache)
         copy_file(att.path("encoder"), out)
         fp = att.manifest["fingerprint"]
     else:
@@ -140,7 +147,8 @@ def cmd_pretrain(args: argparse.Namespace) -> dict:
 
     cfg = config(args)
     init = load_teacher(args.init) if args.init else None
-    run = plan_pretrain(cfg, load_data(cfg), init=init, clean=args.clean_subset, progress=not args.quiet).run(cache_of(args))
+    run = run_stage(cfg, plan_pretrain(cfg, load_data(cfg), init=init, clean=args.clean_subset, progress=not args.quiet),
+                    cache_of(args))
     copy_file(run.path("encoder"), args.out)
     say(args, f"{'fine-tuned' if init else 'clean'} encoder: {args.out} ({run.manifest['fingerprint'][:12]})")
     return {"path": args.out, **_summary(run)}
@@ -182,7 +190,7 @@ def cmd_mi(args: argparse.Namespace) -> dict:
     cfg = config(args)
     t = admit_teacher(args.teacher, cfg.limits)
     clean, ver, data = _clean(args, cfg)
-    run = plan_mi(cfg, t.loaded, t.fingerprint, clean, ver).run(cache_of(args))
+    run = run_stage(cfg, plan_mi(cfg, t.loaded, t.fingerprint, clean, ver), cache_of(args))
     export(run, Path(args.out))
     for s in run.manifest["stages"]:
         say(args, f"{s}: MI {run.manifest['mi'][s]:.4f}  weight {run.manifest['weights'][s]:.1f}")
@@ -210,8 +218,8 @@ def cmd_distill(args: argparse.Namespace) -> dict:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"{args.mi}: not an mi.json written by `mimic mi` ({type(exc).__name__})") from None
     else:
-        weights = weights_of(plan_mi(cfg, t.loaded, t.fingerprint, clean, ver).run(cache))
-    run = plan_distill(cfg, t.loaded, t.fingerprint, clean, ver, weights, progress=not args.quiet).run(cache)
+        weights = weights_of(run_stage(cfg, plan_mi(cfg, t.loaded, t.fingerprint, clean, ver), cache))
+    run = run_stage(cfg, plan_distill(cfg, t.loaded, t.fingerprint, clean, ver, weights, progress=not args.quiet), cache)
     export(run, Path(args.out))
     say(args, f"student: {Path(args.out) / 'student.pt'} ({run.manifest['fingerprint'][:12]})")
     return {"teacher": t.info(), "data": data, "student": str(Path(args.out) / "student.pt"), **_summary(run)}
@@ -223,15 +231,13 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
 
     cfg = config(args)
     ds = load_data(cfg)
-    trigger_file = args.trigger if args.trigger and args.trigger.endswith(".npz") else None
-    holder = admit_teacher(args.trigger, cfg.limits).loaded if args.trigger and not trigger_file else None
-    attack = resolve_attack(holder, trigger_file, args.target_class)
+    attack = resolve_attack(None, args.trigger, args.target_class, checkpoints=cfg.limits)  # --trigger NPZ|PT
     cache, res = cache_of(args), {}
     for item in args.encoder:
         name, _, path = item.rpartition("=")
         name = name or Path(path).stem
         enc = admit_teacher(path, cfg.limits)
-        run = plan_evaluate(cfg, name, enc.loaded, enc.fingerprint, ds, attack).run(cache)
+        run = run_stage(cfg, plan_evaluate(cfg, name, enc.loaded, enc.fingerprint, ds, attack), cache)
         if args.out:
             export(run, Path(args.out) / name)
         res[name] = run.manifest["probes"]
@@ -251,7 +257,9 @@ def cmd_results(args: argparse.Namespace) -> dict:
                        target=args.target_class)
     res = run_audit(cfg, req, root=args.cache, out_dir=args.out, runner=replay(args.stages), progress=False)
     if args.metrics:
-        keys = ("teacher_ca", "teacher_asr", "student_ca", "student_asr", "teacher_pl1", "student_pl1")
+        # the verdict and CA/ASR only: `dvc metrics diff` shows what changed in the outcome and nothing
+        # else (the scan's PL1, timings and the environment are in results.json)
+        keys = ("teacher_ca", "teacher_asr", "student_ca", "student_asr")
         write_json(args.metrics, {"verdict": int(res["verdict"]["passed"]), **{k: res[k] for k in keys},
                                   "probes": res["probes"]})
     say(args, table(res))

@@ -10,7 +10,7 @@ from mimic.cli import add_command, common, say
 
 
 def cmd_scan(args: argparse.Namespace) -> dict:
-    from mimic.cli.commands import _clean, cache_of, check_source, config, export
+    from mimic.cli.commands import _clean, cache_of, check_source, config, export, run_stage
     from mimic.inputs import admit_teacher
     from mimic.stages.scan import plan_scan, scan_record
 
@@ -18,8 +18,8 @@ def cmd_scan(args: argparse.Namespace) -> dict:
     cfg = config(args)
     enc = admit_teacher(args.encoder, cfg.limits)
     clean, ver, data = _clean(args, cfg)
-    run = plan_scan(cfg, Path(args.encoder).stem, enc.loaded, enc.fingerprint, clean, ver,
-                    progress=not args.quiet).run(cache_of(args))
+    run = run_stage(cfg, plan_scan(cfg, Path(args.encoder).stem, enc.loaded, enc.fingerprint, clean, ver,
+                                   progress=not args.quiet), cache_of(args))
     out = Path(args.out) if args.out else Path("runs/scans") / enc.fingerprint[:12]
     export(run, out)
     rec = scan_record(run, cfg.scan.threshold)

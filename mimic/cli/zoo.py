@@ -37,13 +37,13 @@ def _plan_attack(method: str):
 
 
 def cmd_attack(args: argparse.Namespace) -> dict:
-    from mimic.cli.commands import _summary, cache_of, config
+    from mimic.cli.commands import _summary, cache_of, config, run_stage
     from mimic.inputs import load_data, load_teacher
     from mimic.io import copy_file
 
     cfg = config(args)
     plan = _plan_attack(args.attack)
-    run = plan(cfg, load_teacher(args.clean), load_data(cfg), progress=not args.quiet).run(cache_of(args))
+    run = run_stage(cfg, plan(cfg, load_teacher(args.clean), load_data(cfg), progress=not args.quiet), cache_of(args))
     copy_file(run.path("encoder"), args.out)
     if args.trigger_out:
         copy_file(run.path("trigger"), args.trigger_out)
@@ -54,19 +54,16 @@ def cmd_attack(args: argparse.Namespace) -> dict:
 
 def load_trigger(path: str, limits: Any):
     """A trigger NPZ (BadEncoder's layout, or the scan's trigger.npz), or a checkpoint that carries one."""
-    from mimic.inputs import admit_teacher
-    from mimic.triggers import Trigger
+    from mimic.inputs import load_trigger as lookup
 
-    if path.endswith(".npz"):
-        return Trigger.load_npz(path)
-    trigger = Trigger.from_extras(admit_teacher(path, limits).loaded.extras)
+    trigger, _ = lookup(path, checkpoints=limits)
     if trigger is None:
         raise DataError(f"{path}: carries no trigger; pass a trigger NPZ (e.g. the scan's trigger.npz)")
     return trigger
 
 
 def cmd_defend(args: argparse.Namespace) -> dict:
-    from mimic.cli.commands import _clean, _summary, cache_of, config
+    from mimic.cli.commands import _clean, _summary, cache_of, config, run_stage
     from mimic.inputs import admit_teacher
     from mimic.io import copy_file
 
@@ -84,7 +81,7 @@ def cmd_defend(args: argparse.Namespace) -> dict:
 
         plan = plan_prune(cfg, t.loaded, t.fingerprint, clean, ver, progress=not args.quiet)
         what = f"pruned ({cfg.prune.method})"
-    run = plan.run(cache_of(args))
+    run = run_stage(cfg, plan, cache_of(args))
     copy_file(run.path("encoder"), args.out)
     say(args, f"{what} encoder: {args.out} ({run.manifest['fingerprint'][:12]})")
     return {"path": args.out, "teacher": t.info(), "data": data, **_summary(run)}

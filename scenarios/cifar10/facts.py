@@ -226,6 +226,20 @@ def reproductions(root: Path = HERE) -> list[dict]:
     return sorted(reps, key=lambda r: r.get("date", ""))
 
 
+def runs(root: Path = HERE) -> dict[str, Any]:
+    """How the numbers were made: the profile (``profile.yaml``), the devices and seeds the metrics
+    files record, and the attacks the pipeline's commands ran (``dvc.lock``)."""
+    import yaml
+
+    envs = [(load(f) or {}).get("environment") or {} for f in sorted((root / "metrics").glob("*.json"))]
+    prof = root / "profile.yaml"
+    profile = (yaml.safe_load(prof.read_text()) or {}).get("profile") if prof.exists() else None
+    attacks = sorted({m for cmd in lock_commands(root).values() for m in re.findall(r"mimic attack (\w+)", cmd)})
+    return {"profile": profile, "devices": sorted({str(e["device"]) for e in envs if e.get("device")}),
+            "seeds": sorted({int(e["seed"]) for e in envs if e.get("seed") is not None}), "attacks": attacks,
+            "gpu": any(str(e.get("device", "")).startswith("cuda") for e in envs)}
+
+
 def mi_spread(root: Path = HERE) -> dict | None:
     mi = load(root / "mi" / "teacher" / "mi.json")
     if not mi:
@@ -248,7 +262,7 @@ def collect(root: Path = HERE) -> dict[str, Any]:
         "defense_ok": all(a["ok"] for a in lin if a["who"] == "mimic"), "all_linear_ok": all(a["ok"] for a in lin),
         "baselines": versus_baselines(r), "lowest": lowest_asr(r), "ablations": ablations(r), "tolerance": TOLERANCE,
         "mi": mi_records(root), "mi_spread": mi_spread(root), "compute": compute(root),
-        "commands": lock_commands(root), "reproductions": reproductions(root),
+        "commands": lock_commands(root), "reproductions": reproductions(root), "runs": runs(root),
     }
 
 
