@@ -209,10 +209,21 @@ HEADER = ("| width | batch | precision | format | compile | s/step | img/s | dat
           "| optimiser % | ideal s (step/ideal) | peak RSS MB |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
+def _finite(obj):
+    """NaN/inf (e.g. an extrapolation the authors' script could not make) as null: JSON has no NaN."""
+    if isinstance(obj, float) and obj != obj or obj in (float("inf"), float("-inf")):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_json(path: str, obj: dict) -> None:
     from mimic.io import write_json as atomic
 
-    atomic(Path(path), obj)
+    atomic(Path(path), _finite(obj))
     print(f"wrote {path}")
 
 
