@@ -1,6 +1,6 @@
 """Calibration of ``mimic scan``: a zoo of clean and backdoored encoders (and their MIMIC students).
 
-    nice -n 10 .venv/bin/python benchmarks/bench_scan.py [--scale small|demo] [--clean 10] [--backdoored 10]
+    nice -n 10 .venv/bin/python benchmarks/bench_scan.py [--scale zoo4|bench|small|demo] [--clean 10] [--backdoored 10]
         [--data synthetic] [--cache runs/bench-scan/cache] [--json bench-results/scan.json] [--threads 2]
         [--set scan.KEY=VALUE ...] [--budget]
 
@@ -46,6 +46,10 @@ from mimic.stages.mi import plan_mi, weights_of
 from mimic.stages.pretrain import plan_pretrain
 from mimic.stages.scan import plan_scan, scan_record
 
+# the profile tiny's short search undone (zoo4 starts from that profile): the search mimic/defaults.yaml ships
+SHIPPED_SEARCH = [f"scan.{k}={v}" for k, v in load_config().to_dict()["scan"].items() if k != "threshold"]
+FAST_SEARCH = ["scan.steps=120", "scan.grid=2", "scan.probe_steps=30", "scan.stop_patience=40"]  # tests/test_scan.py
+
 SCALES: dict[str, list[str]] = {
     # CPU scale of the zoo: width-8 encoders on the synthetic textures (~10 min per backdoored model with its
     # student on 2 idle cores)
@@ -59,9 +63,20 @@ SCALES: dict[str, list[str]] = {
               "attack.epochs=5", "attack.batch_size=32", "mi.epochs=10", "distill.epochs=20", "distill.batch_size=64",
               "evaluate.epochs=30", "evaluate.probe=linear", "evaluate.zscore=false", "scan.steps=120", "scan.grid=2",
               "scan.probe_steps=30", "scan.stop_patience=40"],
+    # the fast suite's attack bench (tests/conftest.py ZooBench) with a new seed per model: 4 texture classes
+    # (400 train / 200 test, written by this script as an NPZ), width-4 encoders, 20-epoch BadEncoder attacks (the
+    # suite's 5 epochs implant only the 10x10 patch), and the shipped search; seconds per model
+    "zoo4": ["profile=tiny", "encoder.width=4", "pretrain.epochs=6", "pretrain.lr=0.01", "pretrain.batch_size=64",
+             "attack.epochs=20", "attack.batch_size=32", "attack.shadow_size=200", "data.clean_size=160",
+             "evaluate.epochs=30", "evaluate.probe=linear", "evaluate.zscore=false", "distill.epochs=20",
+             "precision=fp32", *SHIPPED_SEARCH],
+}
+SCALES["zoo4-fast"] = [*SCALES["zoo4"], *FAST_SEARCH]  # the same zoo, the tests' shorter search
+SCALES.update({
     # the demo's scale (mimic/defaults.yaml)
     "demo": [],
-}
+})
+CLASSES = {"zoo4": 4, "zoo4-fast": 4}  # scales on their own NPZ of synthetic textures with this many classes (else 10)
 
 
 @dataclass(frozen=True)
@@ -123,7 +138,22 @@ def choose_threshold(backdoored: list[float], clean: list[float], max_fpr: float
 
 
 def model_config(args: argparse.Namespace, seed: int, extra: list[str] = ()) -> Config:
-    return load_config(sets=[f"seed={seed}", f"data.source={args.data}", *SCALES[args.scale], *extra, *args.sets])
+    sets = [s for s in SCALES[args.scale] if not s.startswith("profile=")]
+    profile = next((s.split("=", 1)[1] for s in SCALES[args.scale] if s.startswith("profile=")), None)
+    return load_config(profile=profile, sets=[f"seed={seed}", f"data.source={args.data}", *sets, *extra, *args.sets])
+
+
+def write_textures(path: Path, classes: int, n_train: int = 400, n_test: int = 200) -> str:
+    """The zoo's fixed dataset: ``classes`` synthetic texture classes as a CIFAR-layout NPZ (as tests/conftest.py)."""
+    import numpy as np
+
+    from mimic.synthetic import make_synthetic
+
+    if not path.exists():
+        (xtr, ytr), (xte, yte) = make_synthetic(n_train, 0, classes), make_synthetic(n_test, 1, classes)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
+    return str(path)
 
 
 def scan_of(cfg: Config, name: str, enc_path: Path, fp: str, cache: StageCache, rows: list, kind: str, info: dict) -> dict:
@@ -160,6 +190,7 @@ def build_and_scan(args: argparse.Namespace, cache: StageCache) -> list[dict]:
         if i >= args.backdoored:
             continue
         bd = ZOO[i % len(ZOO)]
+        bd = Backdoor(**{**bd.__dict__, "target": bd.target % CLASSES.get(args.scale, 10)})
         acfg = model_config(args, i, bd.sets())
         att = plan_attack(acfg, clean_enc, ds, progress=False).run(cache)
         teacher = load_teacher(att.path("encoder"))
@@ -190,6 +221,11 @@ def summarise(rows: list[dict]) -> dict:
         if pl1["student"]:
             out["students_flagged"] = sum(p < t for p in pl1["student"]) / len(pl1["student"])
         out["clean_flagged"] = fpr
+    implanted = [r["pl1"] for r in rows if r["kind"] == "backdoored" and (r.get("asr") or 0) >= IMPLANTED_ASR]
+    out["n"]["implanted"] = len(implanted)
+    if implanted and pl1["clean"]:  # the backdoors that took: true-trigger ASR >= IMPLANTED_ASR
+        out["auc_implanted"] = roc_auc([-p for p in implanted], [-p for p in pl1["clean"]])
+        out["tpr_implanted"] = sum(p < out["threshold"] for p in implanted) / len(implanted)
     for k, v in pl1.items():
         if v:
             out[f"pl1_{k}"] = {"min": min(v), "median": statistics.median(v), "max": max(v)}
@@ -198,6 +234,46 @@ def summarise(rows: list[dict]) -> dict:
     out["seconds_per_scan"] = {"this_run": statistics.mean(secs) if secs else None,
                                "all": statistics.mean(all_secs) if all_secs else None}
     return out
+
+
+IMPLANTED_ASR = 50.0  # a backdoored model counts as implanted when its true trigger reaches this ASR (%)
+BEGIN, END = "<!-- scan-calibration:begin -->", "<!-- scan-calibration:end -->"
+
+
+def _f(v, fmt: str = ".3f") -> str:
+    return "–" if v is None else format(v, fmt)
+
+
+def render(reports: list[tuple[str, dict]]) -> str:
+    """The calibration block of docs/scan.md: one summary row per result JSON, then the first one's models."""
+    lines = ["| run | clean / backdoored (implanted) / students | ROC AUC | AUC, implanted only | threshold | "
+             "TPR at 5 % FPR (implanted) | clean flagged | students flagged | s per scan |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, rep in reports:
+        s, n = rep["summary"], rep["summary"]["n"]
+        lines.append(f"| {name} | {n['clean']} / {n['backdoored']} ({n.get('implanted', '–')}) / {n['student']} | "
+                     f"{_f(s.get('auc'), '.2f')} | {_f(s.get('auc_implanted'), '.2f')} | {_f(s.get('threshold'), '.4f')} | "
+                     f"{_f(s.get('tpr_at_5pct_fpr'), '.2f')} ({_f(s.get('tpr_implanted'), '.2f')}) | "
+                     f"{_f(s.get('clean_flagged'), '.2f')} | {_f(s.get('students_flagged'), '.2f')} | "
+                     f"{_f(s['seconds_per_scan'].get('all'), '.0f')} |")
+    name, rep = reports[0]
+    thr = rep["summary"].get("threshold")
+    lines += ["", f"Models of `{name}` (PL1 below {_f(thr, '.4f')}: flagged; CA/ASR: linear probe, ASR with the true "
+              "trigger; S: the similarity the inverted trigger reached, S0 the clean images'):", "",
+              "| model | trigger (target) | CA | ASR | PL1 | S (S0) | flagged |", "|---|---|---:|---:|---:|---:|:-:|"]
+    for r in rep["rows"]:
+        trig = f"{r['trigger']} ({r['true_target']})" if r.get("trigger") else "–"
+        lines.append(f"| {r['model']} | {trig} | {_f(r.get('ca'), '.1f')} | {_f(r.get('asr'), '.1f')} | {r['pl1']:.4f} | "
+                     f"{r['similarity']:.3f} ({r['clean_similarity']:.3f}) | {'yes' if thr and r['pl1'] < thr else ''} |")
+    return "\n".join(lines)
+
+
+def replace_block(path: Path, text: str) -> None:
+    """Put ``text`` between the BEGIN/END markers of ``path`` (which must hold both)."""
+    doc = path.read_text()
+    if BEGIN not in doc or END not in doc:
+        raise SystemExit(f"{path}: no {BEGIN} ... {END} block to replace")
+    head, rest = doc.split(BEGIN, 1)
+    path.write_text(head + BEGIN + "\n" + text + "\n" + END + rest.split(END, 1)[1])
 
 
 def budget(args: argparse.Namespace) -> list[dict]:
@@ -240,9 +316,22 @@ def main() -> None:
     p.add_argument("--budget-only", action="store_true")
     p.add_argument("--budget-widths", type=int, nargs="+", default=[8, 64])
     p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--doc", type=Path, help="write the calibration table into this file's scan-calibration block")
+    p.add_argument("--from-json", nargs="+", metavar="NAME=JSON", help="render --doc from these result files "
+                   "(computes nothing); the first one's models are listed")
     args = p.parse_args()
+    if args.from_json:
+        if not args.doc:
+            p.error("--from-json needs --doc")
+        reps = [(n, json.loads(Path(f).read_text())) for n, _, f in (x.rpartition("=") for x in args.from_json)]
+        reps = [(n, {**r, "summary": {**r["summary"], **summarise(r["rows"])}}) for n, r in reps]  # same summary code
+        replace_block(args.doc, render(reps))
+        print(f"wrote the calibration block of {args.doc}")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.scale in CLASSES and args.data == "synthetic":
+        args.data = write_textures(Path(args.cache) / f"textures-{CLASSES[args.scale]}.npz", CLASSES[args.scale])
     t0 = time.perf_counter()
     report: dict = {"scale": args.scale, "data": args.data, "sets": args.sets, "zoo": [b.__dict__ for b in ZOO],
                     "load_average_start": os.getloadavg()}
@@ -261,6 +350,8 @@ def main() -> None:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     write_json(args.json, report)
     print(f"wrote {args.json} ({report['seconds']:.0f} s)")
+    if args.doc and "summary" in report:
+        replace_block(args.doc, render([(f"--scale {args.scale}", report)]))
 
 
 if __name__ == "__main__":

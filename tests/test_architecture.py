@@ -133,6 +133,27 @@ def test_dvc_stages_depend_on_the_code_and_params_of_their_stage(dvc_stage, stag
     assert {"device", "precision"} <= params  # the runtime identity
 
 
+SCENARIO_STAGES = {
+    "cifar10": {"pretrain": ("pretrain",), "attack": ("attack",), "mi": ("mi",), "distill": ("distill",),
+                "finetune": ("pretrain",), "evaluate": ("evaluate",)},
+    "zoo": {"pretrain": ("pretrain",), "attack": ("attack", "drupe", "adaptive"), "mi": ("mi",), "distill": ("distill",),
+            "unlearn": ("unlearn",), "prune": ("prune",), "evaluate": ("evaluate",)},
+}
+
+
+@pytest.mark.parametrize("scenario, dvc_stage", [(sc, st) for sc, stages in SCENARIO_STAGES.items() for st in stages])
+def test_the_scenario_stages_depend_on_their_code(scenario, dvc_stage):
+    """A scenario's `dvc repro` reruns a stage when the code it runs changes (its deps are the identity's files),
+    and evaluate's metrics file holds CA/ASR only (timings and the environment go to records/eval/)."""
+    folder = ROOT / "scenarios" / scenario
+    st = yaml.safe_load((folder / "dvc.yaml").read_text())["stages"][dvc_stage]
+    st = st.get("do", st)
+    deps = {str((folder / d).resolve().relative_to(ROOT)) for d in st["deps"] if d.startswith("../../mimic/")}
+    assert deps == set().union(*[set(identity.code_files(s)) for s in SCENARIO_STAGES[scenario][dvc_stage]])
+    if dvc_stage == "evaluate":
+        assert "--metrics metrics/${key}.json" in st["cmd"] and "--json records/eval/${key}.json" in st["cmd"]
+
+
 # ---------------------------------------------------------------------------------------------
 # no private torch module, one writer
 

@@ -158,3 +158,25 @@ def test_import_mimic_stays_light():
     code = "import sys, mimic, mimic.cli, mimic.audit; print(sorted({m.split('.')[0] for m in sys.modules} & {'prefect','mlflow','dvc','boto3'}))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_verbose_logs_timestamped_debug_lines_and_quiet_hides_them(tmp_path):
+    """-v: DEBUG lines with a timestamp and the logger on stderr (the resolved config); default and -q: none;
+    --log-format json: the same record as one JSON object per line."""
+    import re
+
+    def run(*flags):
+        return _cli("data", "--profile", "tiny", "--out", str(tmp_path / "d.npz"), *flags, cwd=tmp_path)
+
+    verbose = run("-v")
+    line = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d DEBUG mimic\.cli\.commands: config: .*profile tiny.*width 4")
+    assert verbose.returncode == 0 and any(line.match(x) for x in verbose.stderr.splitlines()), verbose.stderr
+    for flags in ((), ("-q",)):
+        r = run(*flags)
+        assert r.returncode == 0 and "DEBUG" not in r.stderr, (flags, r.stderr)
+    quiet, default = run("-q"), run()
+    assert quiet.stdout == default.stdout and "data:" in quiet.stdout  # -q quietens the logs, not the result line
+    js = run("-v", "--log-format", "json")
+    rec = [json.loads(x) for x in js.stderr.splitlines() if x.startswith("{")]
+    assert any(r["level"] == "DEBUG" and r["logger"] == "mimic.cli.commands" and re.match(r"\d{4}-\d\d-\d\dT", r["time"])
+               for r in rec), js.stderr

@@ -46,3 +46,16 @@ def test_generated_data_is_versioned_by_content_hash_without_dvc(tmp_path):
     got = version_inputs.fn({"data": "synthetic", "teacher": None}, {"data": "abc123"}, str(tmp_path / "registry"))
     assert got == {"data": None, "teacher": None, "data_version": "synthetic:abc123"}
     assert not (tmp_path / "registry").exists()  # nothing to add: no registry is made
+
+
+def test_the_mlflow_dataset_digest_is_the_dvc_md5(tmp_path):
+    """The audit run's dataset inputs carry DVC's md5 (so `dvc get` / `dvc.api.open` finds that version);
+    data DVC does not version (generated) carries its content hash instead."""
+    from tasks.tracking import _dataset
+
+    clean = write_npz(tmp_path / "clean.npz", n_train=40, n_test=20)
+    md5 = dvc_md5(clean)
+    ent = _dataset(str(clean), md5, "content-hash-of-the-images", "clean")
+    assert ent.digest == md5 and ent.name == "clean" and str(clean) in ent.source
+    gen = _dataset("synthetic", None, "abc123", "clean")
+    assert gen.digest == "abc123"

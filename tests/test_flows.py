@@ -144,6 +144,8 @@ def test_audit_services_pass_then_reject_then_fail(pipeline_env, tiny_teachers, 
     contexts = {d.dataset.name: (d.dataset.digest, {t.key: t.value for t in d.tags}["mlflow.data.context"])
                 for d in run.inputs.dataset_inputs}
     assert contexts["clean"][1] == "training" and contexts["eval"][1] == "evaluation"
+    data_md5 = (res["data"]["dvc"].get("data") or {}).get("md5")  # the DVC md5 when the data is a DVC-added file
+    assert contexts["clean"][0] == (data_md5 or res["data"]["clean_version"])[:36], (contexts, res["data"])
     teacher_model = client.get_logged_model(run.data.tags["mimic.teacher_model_id"])
     assert teacher_model.tags["mimic.fingerprint"] == fp and teacher_model.tags["mimic.dvc_md5"] == dvc["md5"]
     assert [m.model_id for m in run.inputs.model_inputs] == [teacher_model.model_id]

@@ -66,7 +66,11 @@ def test_all_fronts_write_results_that_validate_against_one_schema(pipeline_env,
     assert main(["distill", "--teacher", teacher, "--mi", str(tmp / "r" / "mi" / "mi.json"), "--out", str(tmp / "r" / "st"),
                  *common]) == 0
     assert main(["evaluate", "--encoder", f"teacher={teacher}", "--encoder", f"student={tmp / 'r' / 'st' / 'student.pt'}",
-                 "--trigger", teacher, "--out", str(tmp / "r" / "eval"), *common]) == 0
+                 "--trigger", teacher, "--out", str(tmp / "r" / "eval"), "--metrics", str(tmp / "r" / "eval.json"),
+                 "--json", str(tmp / "r" / "eval-record.json"), *common]) == 0
+    metrics, record = (json.loads((tmp / "r" / f).read_text()) for f in ("eval.json", "eval-record.json"))
+    assert set(metrics) == {"encoders", "target_class"} and set(metrics["encoders"]) == {"teacher", "student"}
+    assert record["encoders"] == metrics["encoders"] and {"seconds", "environment"} <= set(record)  # timing: not a metric
     for who, enc in (("teacher", teacher), ("student", str(tmp / "r" / "st" / "student.pt"))):
         assert main(["scan", enc, "--out", str(tmp / "r" / f"scan-{who}"), "--exit-zero", *common]) == 0
     rc = main(["results", "--teacher", teacher, "--stages", *(str(tmp / "r" / d) for d in ("scan-teacher", "mi", "st", "scan-student",

@@ -17,8 +17,11 @@ from mimic.triggers import Trigger
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# a shorter search than the shipped one (300 steps, 11 starts): the bench's encoders are small
-SCAN_SETS = ("scan.steps=120", "scan.grid=2", "scan.probe_steps=30", "scan.stop_patience=40", "scan.batch_size=32")
+# a shorter search than the shipped one (300 steps, 11 starts): the bench's encoders are small. The threshold is
+# pinned: these tests check the mechanism on the bench's seed-0 pair (teacher PL1 ~0.02, its clean encoder ~0.09),
+# not the shipped threshold, which benchmarks/bench_scan.py calibrates over many seeds (docs/scan.md)
+SCAN_SETS = ("scan.steps=120", "scan.grid=2", "scan.probe_steps=30", "scan.stop_patience=40", "scan.batch_size=32",
+             "scan.threshold=0.05")
 
 
 def _scan(zoo, name, loaded, fp, *sets):

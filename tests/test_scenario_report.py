@@ -84,6 +84,15 @@ def test_a_missing_rerun_is_not_reproduced(scenario):
     assert "NOT reproduced" in out
 
 
+def test_a_probe_added_since_the_reference_is_named_not_the_whole_file(scenario):
+    m = json.loads(metrics("mimic", 45.64, 5.06))
+    m["encoders"]["mimic"]["linear_z"] = {"probe": "linear_z", "ca": 44.0, "asr": 1.0}
+    (scenario / "metrics" / "mimic.json").write_text(json.dumps(m))
+    rc, res, out = compare(scenario)
+    assert rc == 1 and res["missing"] == ["metrics/mimic.json: probe mimic linear_z not at the revision"], out
+    assert res["max_abs_delta"] == 0  # the probes both sides have are unchanged
+
+
 def test_seconds_and_environment_are_not_results(scenario):
     """`dvc metrics diff` reports every numeric field; only CA/ASR count for a reproduction."""
     m = json.loads(metrics("mimic", 45.64, 5.06))

@@ -49,8 +49,9 @@ def common(p: argparse.ArgumentParser) -> None:
                    "CPU results are bit-identical only at the same thread count")
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH ('-': stdout)")
-    o.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
-    o.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    o.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only, no progress bars "
+                   "(the result lines still print)")
+    o.add_argument("-v", "--verbose", action="store_true", help="debug logging (the resolved config, ...); log lines carry a timestamp")
     o.add_argument("--log-format", choices=("text", "json"), default="text", help="log lines as text or JSON objects")
     o.add_argument("--debug", action="store_true", help="show tracebacks")
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 from typing import Any
 
 from mimic.cli import add_command, common, say
 from mimic.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 
 def config(args: argparse.Namespace, default_profile: str | None = None):
@@ -19,6 +22,10 @@ def config(args: argparse.Namespace, default_profile: str | None = None):
         sets.append(f"device={args.device}")
     extra = {"data": {"source": args.data}} if getattr(args, "data", None) else None
     args.config = load_config(args.params, args.profile or default_profile, sets, extra)  # main() stamps the environment
+    c = args.config
+    log.debug("config: params %s, profile %s, overrides %s; seed %d, device %s, precision %s, encoder %s width %d, data %s",
+              args.params or "built-in defaults", c.profile or "none", sets or "none", c.seed, c.device, c.precision,
+              c.encoder.arch, c.encoder.width, c.data.source)
     return args.config
 
 
@@ -243,7 +250,14 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
         res[name] = run.manifest["probes"]
         for probe, r in res[name].items():
             say(args, f"{name:>12} {probe:>6}: CA {fmt(r['ca'])}%  ASR {fmt(r['asr'])}%")
-    return {"encoders": res, "target_class": attack.target}
+    out = {"encoders": res, "target_class": attack.target}
+    if args.metrics:
+        from mimic.io import write_json
+
+        # CA/ASR and the target only: `dvc metrics diff` shows what changed in the numbers and nothing else
+        # (seconds and the environment go to --json)
+        write_json(args.metrics, out)
+    return out
 
 
 def cmd_results(args: argparse.Namespace) -> dict:
@@ -339,6 +353,8 @@ def register(sub: Any) -> None:
     p.add_argument("--trigger", metavar="NPZ|PT", help="trigger NPZ, or a teacher checkpoint that carries its trigger")
     p.add_argument("--target-class", type=int, metavar="K")
     p.add_argument("--out", metavar="DIR", help="writes NAME/metrics.json and NAME/stage.json per encoder")
+    p.add_argument("--metrics", metavar="JSON", help="also write CA/ASR per encoder and probe alone, for `dvc metrics` "
+                   "(--json adds seconds and the environment)")
     cache_arg(p)
     common(p)
 

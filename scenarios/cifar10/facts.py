@@ -100,7 +100,8 @@ def rows(root: Path = HERE) -> dict[str, dict]:
         probes = m["encoders"][name]
         rec = load(root / "records" / f"{name}.json") or {}
         mi_rec = load(root / "records" / f"mi-{MI_OF[name]}.json") if name in MI_OF else None
-        env = rec.get("environment") or m.get("environment") or {}
+        ev = load(root / "records" / "eval" / f"{name}.json") or {}
+        env = rec.get("environment") or ev.get("environment") or m.get("environment") or {}
         if group == "reference":
             d = None
         elif name == "finetune":
@@ -113,7 +114,7 @@ def rows(root: Path = HERE) -> dict[str, dict]:
             **{f"asr_{q}": probes.get(q, {}).get("asr") for q in PROBES},
             "d_images": d, "d_pct": None if d is None or not n_train else 100.0 * d / n_train,
             "train_s": None if rec.get("cached") else rec.get("seconds"),
-            "mi_s": (mi_rec or {}).get("seconds"), "eval_s": m.get("seconds"),
+            "mi_s": (mi_rec or {}).get("seconds"), "eval_s": ev.get("seconds", m.get("seconds")),
             "device": env.get("device", "?") + (f" ({env['threads']} thr)" if env.get("threads") else ""),
         }
     return out
@@ -208,8 +209,8 @@ def compute(root: Path = HERE) -> dict:
         else:
             stage = {"clean": "pretrain", "teacher": "attack", "finetune": "finetune"}.get(f.stem, f"distill@{f.stem}")
         items.append({"stage": stage, "seconds": float(rec["seconds"])})
-    for f in sorted((root / "metrics").glob("*.json")):
-        m = load(f) or {}
+    for f in sorted((root / "records" / "eval").glob("*.json")) or sorted((root / "metrics").glob("*.json")):
+        m = load(f) or {}  # evaluate's seconds: records/eval/ (metrics files of older runs carried them)
         if m.get("seconds") is not None:
             items.append({"stage": f"evaluate@{f.stem}", "seconds": float(m["seconds"])})
     threads = sorted({str((load(f) or {}).get("environment", {}).get("threads")) for f in (root / "records").glob("*.json")}
@@ -231,7 +232,8 @@ def runs(root: Path = HERE) -> dict[str, Any]:
     files record, and the attacks the pipeline's commands ran (``dvc.lock``)."""
     import yaml
 
-    envs = [(load(f) or {}).get("environment") or {} for f in sorted((root / "metrics").glob("*.json"))]
+    envs = [(load(f) or {}).get("environment") or {}
+            for f in sorted((root / "records" / "eval").glob("*.json")) or sorted((root / "metrics").glob("*.json"))]
     prof = root / "profile.yaml"
     profile = (yaml.safe_load(prof.read_text()) or {}).get("profile") if prof.exists() else None
     attacks = sorted({m for cmd in lock_commands(root).values() for m in re.findall(r"mimic attack (\w+)", cmd)})

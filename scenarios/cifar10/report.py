@@ -86,8 +86,10 @@ def ca_asr_rows(diff: dict[str, dict]) -> tuple[list[dict], list[str]]:
             if len(parts) != 4 or parts[0] != "encoders" or parts[3] not in ("ca", "asr"):
                 continue
             old, new = v.get("old"), v.get("new")
-            if old is None or new is None:
-                missing.add(f"{file} " + ("not at the revision" if old is None else "not in the working tree"))
+            if old is None or new is None:  # a whole file, or one probe of it (a protocol added or dropped)
+                side = "not at the revision" if old is None else "not in the working tree"
+                whole = all((e.get("old") if old is None else e.get("new")) is None for e in entries.values())
+                missing.add(f"{file} {side}" if whole else f"{file}: probe {parts[1]} {parts[2]} {side}")
             rows.append({"encoder": parts[1], "probe": parts[2], "metric": parts[3], "ref": old, "now": new,
                          "delta": None if old is None or new is None else round(new - old, 2)})
     return rows, sorted(missing)
