@@ -27,6 +27,8 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
+import docblock  # benchmarks/docblock.py, next to this file
+
 BEGIN, END = "<!-- demo-grid:begin -->", "<!-- demo-grid:end -->"
 
 MAX_ASR, MAX_CA_DROP = 10.0, 5.0
@@ -139,12 +141,8 @@ def machine() -> dict:
 
 
 def replace_block(path: Path, text: str) -> None:
-    """Put ``text`` between the BEGIN/END markers of ``path`` (which must hold both)."""
-    doc = path.read_text()
-    if BEGIN not in doc or END not in doc:
-        raise SystemExit(f"{path}: no {BEGIN} ... {END} block to replace")
-    head, rest = doc.split(BEGIN, 1)
-    path.write_text(head + BEGIN + "\n" + text + "\n" + END + rest.split(END, 1)[1])
+    """Put ``text`` between this page's BEGIN/END markers of ``path``."""
+    docblock.replace_block(path, BEGIN, END, text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import bench_distill as bd
+from docblock import replace_block
 
 WIDTHS = (8, 16, 32, 64)
 BATCHES = (32, 64, 128, 256)
@@ -140,12 +141,7 @@ def plot(data: dict, path: Path) -> None:
 
 
 def write_doc(data: dict, doc: Path) -> None:
-    text = doc.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"{doc}: no {START} ... {END} section to regenerate")
-    head, rest = text.split(START, 1)
-    tail = rest.split(END, 1)[1]
-    doc.write_text(f"{head}{START}\n{_tables(data)}\n{END}{tail}")
+    replace_block(doc, START, END, _tables(data))
     plot(data, doc.parent / "img" / "performance" / "scaling.png")
     print(f"rewrote {doc} and {doc.parent / 'img' / 'performance' / 'scaling.png'}")
 

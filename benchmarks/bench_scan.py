@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import docblock  # benchmarks/docblock.py, next to this file
 import torch
 
 from mimic.cache import StageCache
@@ -268,12 +269,8 @@ def render(reports: list[tuple[str, dict]]) -> str:
 
 
 def replace_block(path: Path, text: str) -> None:
-    """Put ``text`` between the BEGIN/END markers of ``path`` (which must hold both)."""
-    doc = path.read_text()
-    if BEGIN not in doc or END not in doc:
-        raise SystemExit(f"{path}: no {BEGIN} ... {END} block to replace")
-    head, rest = doc.split(BEGIN, 1)
-    path.write_text(head + BEGIN + "\n" + text + "\n" + END + rest.split(END, 1)[1])
+    """Put ``text`` between this page's BEGIN/END markers of ``path``."""
+    docblock.replace_block(path, BEGIN, END, text)
 
 
 def budget(args: argparse.Namespace) -> list[dict]:
