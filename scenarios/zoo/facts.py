@@ -14,15 +14,12 @@ the ``evaluate_cells`` items that ``matrix.cells`` generates (the items of ``cel
 from __future__ import annotations
 
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+import matrix  # the spec beside this file (report.py runs as a script from this folder)
 
-import matrix  # noqa: E402  (the spec beside this file)
+HERE = Path(__file__).resolve().parent
 
 DVCFILE = "scenarios/zoo/dvc.yaml"  # as run from the repository root
 PROBES = ("linear", "mlp", "linear_z", "mlp_z")  # the order of the tables; other probes follow
