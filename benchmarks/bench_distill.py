@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/bench_distill.py step [--widths 8 16 64] [--batches 32 128]
         [--precisions fp32 bf16] [--formats auto] [--compile] [--steps 5] [--warmup 1]
-        [--data ../shared/data/cifar10.npz] [--clean-size 2000] [--ideal] [--json bench-results/distill.json]
+        [--data ../shared/data/cifar10.npz] [--clean-size 2000] [--ideal] [--mmap-threshold 0 262144]
+        [--json bench-results/distill.json]
     .venv/bin/python benchmarks/bench_distill.py paired --src /path/to/wssun-MIMIC [--steps 5]
     .venv/bin/python benchmarks/bench_distill.py audit --profile cpu-full [--teacher PATH] [--epochs N]
     .venv/bin/python benchmarks/bench_distill.py scaling [--doc docs/performance.md]
@@ -12,8 +13,12 @@ and DVC run -- with a :class:`mimic.distill.Clock`: data (index + uint8 -> float
 (both SimCLR views), teacher forward, student forward + backward (loss included), optimiser, other
 (loss log). Every configuration runs in a fresh process: its peak RSS is that process's ``VmHWM``
 (``ru_maxrss`` would carry the parent's peak over fork+exec). ``--ideal`` also times the bare
-network the same way (student forward+backward on 2B images + teacher forward on B): the step's
-floor. The first ``--warmup`` steps are reported apart (with ``compile`` they hold compile time).
+network (student forward+backward on 2B images + teacher forward on B): the step's floor, one bare
+pass after every timed step, so that both medians come from the same minutes of a shared host.
+The first ``--warmup`` steps are reported apart (with ``compile`` they hold compile time).
+``--mmap-threshold B`` repeats a configuration with glibc's ``MALLOC_MMAP_THRESHOLD_=B`` (blocks of
+B bytes and more are mmap'd and returned on free): its peak RSS is the step's live peak without heap
+fragmentation, and its step time what that costs (docs/performance.md, "Memory").
 
 ``paired`` runs ``../shared/bench/official_timing.sh`` (the authors' code, their DataLoader, fp32)
 and then ``step`` at full width, batch 128, default settings, on the same data: the ratio of one
@@ -26,6 +31,7 @@ batch 32..256 and clean-set size 500/2,000/10,000 and rewrites the generated sec
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -69,32 +75,36 @@ def _clean_set(cfg, data: str | None):
     return ImageSet(torch.randint(0, 256, (cfg.data.clean_size, 3, 32, 32), dtype=torch.uint8, generator=g))
 
 
-def _bare(d, batch: int, reps: int) -> dict:
-    """The floor: the student's forward+backward on 2B images and the teacher's forward on B, nothing else."""
+def _bare_once(d, batch: int) -> tuple[float, float]:
+    """The floor, once: the student's forward+backward on 2B images and the teacher's forward on B, nothing else."""
     import torch
 
     from mimic.runtime import autocast
 
     fmt = torch.channels_last if d.channels_last else torch.contiguous_format
     x = torch.rand(2 * batch, 3, 32, 32, device=d.device).contiguous(memory_format=fmt)
-    times = {"student": [], "teacher": []}
-    for _ in range(reps + 1):
-        t0 = time.perf_counter()
-        with autocast(d.device, d.amp):
-            d.student(x).float().sum().backward()
-        _sync(d.device)
-        t1 = time.perf_counter()
-        with torch.no_grad(), autocast(d.device, d.amp):
-            d.teacher(x[:batch])
-        _sync(d.device)
-        times["student"].append(t1 - t0)
-        times["teacher"].append(time.perf_counter() - t1)
+    t0 = time.perf_counter()
+    with autocast(d.device, d.amp):
+        d.student(x).float().sum().backward()
+    _sync(d.device)
+    t1 = time.perf_counter()
+    with torch.no_grad(), autocast(d.device, d.amp):
+        d.teacher(x[:batch])
+    _sync(d.device)
+    t2 = time.perf_counter()
     d.t_taps.outputs, d.s_taps.outputs = {}, {}
     d.student.zero_grad(set_to_none=True)
-    med = {k: sorted(v[1:])[len(v[1:]) // 2] for k, v in times.items()}
-    return {"bare_student_fwd_bwd_s": med["student"], "bare_teacher_fwd_s": med["teacher"],
-            "ideal_step_s": med["student"] + med["teacher"],
-            "bare_fwd_bwd_img_per_s": 2 * batch / med["student"]}
+    return t1 - t0, t2 - t1
+
+
+def _median(v: list[float]) -> float:
+    return sorted(v)[len(v) // 2]
+
+
+def _bare_summary(batch: int, student: list[float], teacher: list[float]) -> dict:
+    s, t = _median(student), _median(teacher)
+    return {"bare_student_fwd_bwd_s": s, "bare_teacher_fwd_s": t, "ideal_step_s": s + t,
+            "bare_fwd_bwd_img_per_s": 2 * batch / s, "bare_times_s": [round(a + b, 3) for a, b in zip(student, teacher)]}
 
 
 def _sync(device) -> None:
@@ -124,12 +134,22 @@ def one(spec: dict) -> dict:
     d.head.train()
     clock = Clock(device)
     total, epoch, t_start = spec["warmup"] + spec["steps"], 0, time.perf_counter()
+    bare: tuple[list[float], list[float]] = ([], [])
+    # --ideal: a bare pass after every production step, so both see the same machine state (on a shared
+    # host the speed drifts by 10-20 % within minutes; timing them minutes apart skews the ratio)
+    per_call = 1 if spec.get("ideal") else None
     while len(clock.steps) < total:
-        run_epoch(d, clean, epoch, generator(cfg.seed, "distill", epoch), clock=clock, max_steps=total - len(clock.steps))
+        before = len(clock.steps)
+        left = total - before
+        run_epoch(d, clean, epoch, generator(cfg.seed, "distill", epoch), clock=clock,
+                  max_steps=min(left, per_call) if per_call else left)
         epoch += 1
+        if per_call and len(clock.steps) > spec["warmup"]:
+            for a, b in zip(bare, _bare_once(d, spec["batch"])):
+                a.append(b)
         if len(clock.steps) >= total:
             break
-        if epoch > 2 * total:
+        if len(clock.steps) == before and epoch > 2 * total:
             raise SystemExit(f"clean set of {len(clean)} images gives no step at batch {spec['batch']}")
     wall = time.perf_counter() - t_start
     warm, timed = clock.steps[: spec["warmup"]], clock.steps[spec["warmup"]:]
@@ -146,7 +166,7 @@ def one(spec: dict) -> dict:
            "share": {k: round(v / sum(shares.values()), 3) for k, v in shares.items()},
            "wall_s": round(wall, 2)}
     if spec.get("ideal"):
-        out.update(_bare(d, spec["batch"], reps=max(2, spec["steps"] // 2)))
+        out.update(_bare_summary(spec["batch"], *bare))
         out["vs_ideal"] = step_s / out["ideal_step_s"]
     d.close()
     if device.type == "cuda":
@@ -158,6 +178,8 @@ def one(spec: dict) -> dict:
 def run_one(spec: dict, timeout: float | None = None) -> dict:
     """``one(spec)`` in a fresh interpreter (own peak RSS, own threads, nothing cached)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    if spec.get("mmap_threshold"):  # glibc: blocks from this size are mmap'd and handed back on free (no heap reuse)
+        env["MALLOC_MMAP_THRESHOLD_"] = str(spec["mmap_threshold"])
     proc = subprocess.run([sys.executable, __file__, "_one", json.dumps(spec)], capture_output=True, text=True,
                           env=env, timeout=timeout)
     if proc.returncode != 0:
@@ -199,7 +221,8 @@ def fmt_row(r: dict) -> str:
         return f"| {r['width']} | {r['batch']} | {r['precision']} | {r['format']} | {r['compile']} | error: {r['error'][:80]} |"
     sh = r["share"]
     ideal = f"{r['ideal_step_s']:.2f} ({r['vs_ideal']:.2f}x)" if "ideal_step_s" in r else "-"
-    return (f"| {r['width']} | {r['batch']} | {r['amp']} | {'NHWC' if r['channels_last'] else 'NCHW'} | {r['compile']} "
+    fmt = ("NHWC" if r["channels_last"] else "NCHW") + (f", mmap >= {r['mmap_threshold'] // 1024} KiB" if r.get("mmap_threshold") else "")
+    return (f"| {r['width']} | {r['batch']} | {r['amp']} | {fmt} | {r['compile']} "
             f"| {r['step_s']:.3f} | {r['img_per_s']:.1f} | {100 * (sh.get('data', 0) + sh.get('augment', 0)):.1f} "
             f"| {100 * sh.get('teacher', 0):.1f} | {100 * sh.get('student', 0):.1f} | {100 * sh.get('optimizer', 0):.1f} "
             f"| {ideal} | {r['peak_rss_mb']:.0f} |")
@@ -233,12 +256,13 @@ def cmd_step(args) -> dict:
         for b in args.batches:
             for p in args.precisions:
                 for f in args.formats:
-                    for c in ([False, True] if args.compile else [False]):
+                    for c, m in itertools.product([False, True] if args.compile else [False], args.mmap_threshold):
                         spec = {"width": w, "batch": b, "precision": p, "format": f, "compile": c, "clean_size": args.clean_size,
                                 "device": args.device, "data": args.data, "steps": args.steps, "warmup": args.warmup,
                                 "threads": args.threads, "ideal": args.ideal, "profile": args.profile}
                         load = load_average()
-                        r = run_one(spec)
+                        r = run_one({**spec, "mmap_threshold": m})
+                        r["mmap_threshold"] = m
                         r["load_before"], r["load_after"] = load, load_average()
                         rows.append(r)
                         print(fmt_row(r) if rows[1:] else HEADER + "\n" + fmt_row(r), flush=True)
@@ -342,6 +366,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--clean-size", type=int, default=2000)
     p.add_argument("--ideal", action="store_true", help="also time the bare network (the step's floor)")
     p.add_argument("--profile", help="a profile of mimic/defaults.yaml to start from")
+    p.add_argument("--mmap-threshold", type=int, nargs="+", default=[0], metavar="BYTES",
+                   help="also run with glibc's MALLOC_MMAP_THRESHOLD_ fixed at BYTES (0 = glibc's default): the peak "
+                        "RSS without heap fragmentation, and what it costs in step time (docs/performance.md)")
     p = sub.add_parser("paired", help="the authors' code and mimic's step in one run")
     common(p, "bench-results/paired.json")
     p.add_argument("--src", required=True, help="wssun/MIMIC: a bare git dir or an extracted tree")
