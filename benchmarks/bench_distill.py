@@ -153,7 +153,7 @@ def one(spec: dict) -> dict:
             raise SystemExit(f"clean set of {len(clean)} images gives no step at batch {spec['batch']}")
     wall = time.perf_counter() - t_start
     warm, timed = clock.steps[: spec["warmup"]], clock.steps[spec["warmup"]:]
-    step_s = sorted(s for _, s, _ in timed)[len(timed) // 2]
+    step_s = _median([s for _, s, _ in timed])
     shares: dict[str, float] = {}  # phase seconds over the timed steps (warm-up and compile excluded)
     for _, _, phases in timed:
         for k, v in phases.items():
