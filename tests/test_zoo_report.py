@@ -129,7 +129,7 @@ def test_a_partial_matrix_is_tabled_compared_listed_and_plotted(scenario):
         diff = statistics.mean(x) - statistics.mean(y)
         return abs(diff) < max(statistics.stdev(x), statistics.stdev(y)), diff
 
-    compared = section(page, "### `linear`")
+    compared = section(section(page, "## Defences compared"), "### `linear`")
     tie, diff = verdict("badencoder", 1)
     assert tie and f"`uniform` ASR tie ({diff:+.1f}, within the larger std" in compared
     tie, diff = verdict("drupe", 1)
@@ -193,3 +193,44 @@ def test_stray_and_broken_metrics_files_and_stale_cells_are_reported(tmp_path):
     assert "not what `matrix.py` gives" in page
     assert "no evaluation of the spec (ignored): nosuch-s0-mimic.json" in page
     assert f"without CA/ASR for their key (ignored): {k}.json" in page
+
+
+# (attack, defence): {seed: (linear CA, linear ASR)} for the attack check and the losses of MIMIC
+LOSS_DATA = {
+    ("badencoder", "clean"): {0: (41.0, 10.0), 1: (42.0, 11.0), 2: (40.0, 9.0)},
+    ("badencoder", "teacher"): {0: (40.0, 99.0), 1: (41.0, 98.0), 2: (40.0, 99.5)},   # works: ASR 98.8, CA -0.7
+    ("badencoder", "mimic"): {0: (40.0, 3.0), 1: (41.5, 5.5), 2: (39.2, 2.1)},      # removed
+    ("badencoder", "fineprune"): {0: (35.0, 0.5), 1: (36.0, 0.7), 2: (35.5, 0.6)},  # lower beyond the spread
+    ("badencoder", "uniform"): {0: (40.4, 4.0), 1: (41.0, 3.2), 2: (40.0, 2.5)},    # a tie: not a loss
+    ("drupe", "clean"): {0: (44.0, 10.0), 1: (45.0, 10.0), 2: (43.0, 10.0)},
+    ("drupe", "teacher"): {0: (38.0, 90.0), 1: (38.0, 92.0), 2: (38.0, 91.0)},      # ASR 91 < 95, CA 6 under
+    ("drupe", "mimic"): {0: (38.0, 40.0), 1: (38.0, 45.0), 2: (38.0, 50.0)},        # survives: +35 points
+    ("adaptive", "teacher"): {0: (40.0, 97.0)},                                        # no clean row: CA not compared
+    ("adaptive", "mimic"): {0: (39.0, 30.0)},
+    ("adaptive", "clp"): {0: (37.0, 12.0)},                                           # lower on one seed: no call
+}
+
+
+def test_the_page_says_which_attacks_worked_and_where_mimic_loses(tmp_path):
+    for name in ("params.yaml", "profile.yaml", "cells.yaml"):
+        shutil.copyfile(ZOO / name, tmp_path / name)
+    (tmp_path / "metrics").mkdir()
+    for (a, d), by_seed in LOSS_DATA.items():
+        for s, (ca, asr) in by_seed.items():
+            k = key(a, d, s)
+            (tmp_path / "metrics" / f"{k}.json").write_text(json.dumps({"encoders": {k: probes(a, d, ca, asr)},
+                                                                         "target_class": 9}))
+    page, _ = write(tmp_path)
+    worked = section(section(page, "## Did the attacks work?"), "### `linear`")
+    line = {ln.split("`")[1]: ln for ln in worked.splitlines() if ln.startswith("- `")}
+    assert line["badencoder"].endswith(": works.") and "(clean encoder 41.0 ± 1.0, -0.7)" in line["badencoder"]
+    assert "**did not meet the bar**: ASR under 95, CA 6.0 points under the clean encoder" in line["drupe"]
+    assert "ASR reached, CA not compared" in line["adaptive"]
+
+    lost = section(section(page, "## Where `mimic` loses"), "### `linear`")
+    line = {ln.split("`")[1]: ln for ln in lost.splitlines() if ln.startswith("- `")}
+    assert "removed to within 10 points of the clean encoder" in line["badencoder"]
+    assert "**Beaten by** `fineprune` (ASR 0.6 ± 0.1" in line["badencoder"] and "`uniform`" not in line["badencoder"]
+    assert "**the backdoor survives** (+35.0 points over the clean encoder)" in line["drupe"]
+    assert "No defence reaches a lower ASR beyond the spread." in line["drupe"]
+    assert "Lower on one seed each (no call): `clp` (12.0)" in line["adaptive"] and "survives" not in line["adaptive"]

@@ -30,6 +30,9 @@ PROBE_TITLES = {"linear": "linear probe on raw L2-normalised features (the stand
 ZSCORED = {"linear_z": "linear", "mlp_z": "mlp"}  # z-scored probe -> its standard counterpart
 Z_GAP = 5.0  # points: a z-scored probe's ASR further than this from the standard one is reported
 ANCHOR = "mimic"  # the defence the others are compared with (the first one run when it has not)
+ASR_WORKS = 95.0  # %: a teacher's backdoor counts as working at this mean ASR or more (issue 17) ...
+CA_KEPT = 3.0  # ... with its mean CA at most this many points under its clean encoder's
+SURVIVES = 10.0  # points: a defence leaves the backdoor in when its mean ASR exceeds the clean encoder's by more
 
 
 def load(path: Path) -> Any:
@@ -168,6 +171,48 @@ def verdicts(rows: list[dict], attacks: list[str]) -> list[dict]:
     return out
 
 
+def _row(rows: list[dict], attack: str, defence: str) -> dict | None:
+    return next((r for r in rows if r["attack"] == attack and r["defence"] == defence and r["n"]), None)
+
+
+def teachers(rows: list[dict], attacks: list[str]) -> list[dict]:
+    """Per attack (on one probe's rows): did its teacher's backdoor work (mean ASR >= ASR_WORKS) at a
+    CA kept within CA_KEPT points of the clean encoder's? ``ca_ok`` is None while the clean row is missing."""
+    out = []
+    for a in attacks:
+        t, c = _row(rows, a, "teacher"), _row(rows, a, "clean")
+        if t is None:
+            continue
+        drop = None if c is None else c["ca"]["mean"] - t["ca"]["mean"]
+        out.append({"attack": a, "asr": t["asr"], "ca": t["ca"], "clean_ca": None if c is None else c["ca"], "drop": drop,
+                    "asr_ok": t["asr"]["mean"] >= ASR_WORKS, "ca_ok": None if drop is None else drop <= CA_KEPT})
+    return out
+
+
+def losses(rows: list[dict], attacks: list[str], defence: str = ANCHOR) -> list[dict]:
+    """Per attack where ``defence`` ran (on one probe's rows): whether it leaves the backdoor in (mean ASR
+    more than SURVIVES points over the clean encoder's, the trigger's base rate) and which defences reach a
+    lower ASR than it beyond the spread (``beaten_by``) or on one seed each, where no call is made (``unsure``)."""
+    out = []
+    for a in attacks:
+        m, c = _row(rows, a, defence), _row(rows, a, "clean")
+        if m is None:
+            continue
+        beaten, unsure = [], []
+        for r in rows:
+            if r["attack"] != a or r["reference"] or not r["n"] or r["defence"] == defence:
+                continue
+            v = versus(r["asr"], m["asr"])
+            if v["diff"] < 0 and v["tie"] is False:
+                beaten.append({"defence": r["defence"], "asr": r["asr"], "ca": r["ca"], "diff": v["diff"]})
+            elif v["diff"] < 0 and v["tie"] is None:
+                unsure.append({"defence": r["defence"], "asr": r["asr"], "ca": r["ca"], "diff": v["diff"]})
+        excess = None if c is None else m["asr"]["mean"] - c["asr"]["mean"]
+        out.append({"attack": a, "row": m, "clean_asr": None if c is None else c["asr"], "excess": excess,
+                    "survives": None if excess is None else excess > SURVIVES, "beaten_by": beaten, "unsure": unsure})
+    return out
+
+
 def zscore_gaps(tables: dict[str, list[dict]]) -> list[dict]:
     """Rows where a z-scored probe's mean ASR differs from its standard probe's by more than Z_GAP."""
     out = []
@@ -245,7 +290,10 @@ def collect(root: Path = HERE) -> dict[str, Any]:
                for a in attacks}
     return {
         "attacks": attacks, "probes": probes, "tables": tables, "titles": PROBE_TITLES,
-        "verdicts": {q: verdicts(tables[q], attacks) for q in probes}, "zgaps": zscore_gaps(tables), "z_gap": Z_GAP,
+        "verdicts": {q: verdicts(tables[q], attacks) for q in probes},
+        "teachers": {q: teachers(tables[q], attacks) for q in probes if q in STANDARD},
+        "losses": {q: losses(tables[q], attacks) for q in probes if q in STANDARD},
+        "asr_works": ASR_WORKS, "ca_kept": CA_KEPT, "survives": SURVIVES, "anchor": ANCHOR, "zgaps": zscore_gaps(tables), "z_gap": Z_GAP,
         "not_run": not_run(idx, values), "n_evaluations": len(idx), "n_run": len(values),
         "unknown": m["unknown"], "bad": m["bad"], "stale": cells_stale(root), "targets": targets,
         "attack_labels": {a: s.label for a, s in matrix.ATTACKS.items()},
