@@ -137,7 +137,7 @@ SCENARIO_STAGES = {
     "cifar10": {"pretrain": ("pretrain",), "attack": ("attack",), "mi": ("mi",), "distill": ("distill",),
                 "finetune": ("pretrain",), "evaluate": ("evaluate",)},
     "zoo": {"pretrain": ("pretrain",), "attack": ("attack", "drupe", "adaptive"), "mi": ("mi",), "distill": ("distill",),
-            "unlearn": ("unlearn",), "prune": ("prune",), "evaluate": ("evaluate",)},
+            "scan": ("scan",), "unlearn": ("unlearn",), "prune": ("prune",), "evaluate": ("evaluate",)},
 }
 
 

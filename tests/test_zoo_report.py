@@ -234,3 +234,42 @@ def test_the_page_says_which_attacks_worked_and_where_mimic_loses(tmp_path):
     assert "**the backdoor survives** (+35.0 points over the clean encoder)" in line["drupe"]
     assert "No defence reaches a lower ASR beyond the spread." in line["drupe"]
     assert "Lower on one seed each (no call): `clp` (12.0)" in line["adaptive"] and "survives" not in line["adaptive"]
+
+    weighting = section(page, "## Does the MI weighting matter?")
+    assert "- `linear`, `uniform` on 1 attack(s): ASR lower on 0, tied on 1, higher on 0;" in weighting
+    assert "the sharper mapping is not kept" in weighting and "Kept:" not in weighting
+    assert "- no MI weights on record." in weighting
+
+
+SHARP_DATA = {
+    ("badencoder", "mimic"): {0: (40.0, 20.0), 1: (41.0, 22.0), 2: (40.5, 21.0)},
+    ("badencoder", "sharp"): {0: (40.2, 5.0), 1: (40.8, 6.0), 2: (40.4, 5.5)},    # ASR lower beyond the spread, CA tied
+    ("badencoder", "uniform"): {0: (40.0, 21.0), 1: (41.0, 20.0), 2: (40.5, 22.5)},
+    ("drupe", "mimic"): {0: (38.0, 30.0), 1: (38.5, 31.0), 2: (38.2, 29.0)},
+    ("drupe", "sharp"): {0: (38.1, 10.0), 1: (38.4, 11.0), 2: (38.3, 12.0)},
+    ("drupe", "uniform"): {0: (38.0, 30.5), 1: (38.5, 29.5), 2: (38.2, 31.0)},    # a tie
+}
+
+
+def test_a_sharper_mapping_is_kept_only_when_it_beats_mimic_on_most_attacks(tmp_path):
+    for name in ("params.yaml", "profile.yaml", "cells.yaml"):
+        shutil.copyfile(ZOO / name, tmp_path / name)
+    (tmp_path / "metrics").mkdir()
+    for (a, d), by_seed in SHARP_DATA.items():
+        for s, (ca, asr) in by_seed.items():
+            k = key(a, d, s)
+            (tmp_path / "metrics" / f"{k}.json").write_text(json.dumps({"encoders": {k: probes(a, d, ca, asr)},
+                                                                         "target_class": 9}))
+    for name, mapping, w in (("badencoder-s0", "share", [3000, 3300, 3600]), ("drupe-s0", "share", [3000, 3000, 3450]),
+                             ("badencoder-s0-softmax", "softmax", [1000, 2000, 8000])):
+        (tmp_path / "mi" / name).mkdir(parents=True)
+        (tmp_path / "mi" / name / "mi.json").write_text(json.dumps(
+            {"mapping": mapping, "weights": {f"layer{i + 1}": v for i, v in enumerate(w)}}))
+    page, _ = write(tmp_path)
+    weighting = section(page, "## Does the MI weighting matter?")
+    assert "- mapping `share`: 1.15-1.20x (2 MI stage(s))" in weighting
+    assert "- mapping `softmax`: 8.00-8.00x (1 MI stage(s))" in weighting
+    assert ("- `linear`, `sharp` on 2 attack(s): ASR lower on 2 (badencoder, drupe), tied on 0, higher on 0; "
+            "CA lower on 0, tied on 2, higher on 0.") in weighting
+    assert "- `linear`, `uniform` on 2 attack(s): ASR lower on 0, tied on 2, higher on 0;" in weighting
+    assert "Kept: `sharp` beat `mimic`'s ASR beyond the spread" in weighting and "not kept" not in weighting

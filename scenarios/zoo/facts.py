@@ -32,6 +32,7 @@ Z_GAP = 5.0  # points: a z-scored probe's ASR further than this from the standar
 ANCHOR = "mimic"  # the defence the others are compared with (the first one run when it has not)
 ASR_WORKS = 95.0  # %: a teacher's backdoor counts as working at this mean ASR or more (issue 17) ...
 CA_KEPT = 3.0  # ... with its mean CA at most this many points under its clean encoder's
+WEIGHTINGS = ("uniform", "sharp")  # MIMIC variants that differ from it only in the stage weights (issue 17, 3b)
 SURVIVES = 10.0  # points: a defence leaves the backdoor in when its mean ASR exceeds the clean encoder's by more
 
 
@@ -213,6 +214,51 @@ def losses(rows: list[dict], attacks: list[str], defence: str = ANCHOR) -> list[
     return out
 
 
+def mi_spans(root: Path) -> list[dict]:
+    """Per MI mapping (``mi/*/mi.json``): the ratio of the largest to the smallest stage weight, its range
+    over the MI stages that ran."""
+    ratios: dict[str, list[float]] = {}
+    for f in sorted((root / "mi").glob("*/mi.json")):
+        d = load(f)
+        w = d.get("weights") if isinstance(d, dict) else None
+        if not isinstance(w, dict) or not w or min(float(v) for v in w.values()) <= 0:
+            continue
+        vals = [float(v) for v in w.values()]
+        ratios.setdefault(str(d.get("mapping", "?")), []).append(max(vals) / min(vals))
+    return [{"mapping": m, "n": len(r), "low": min(r), "high": max(r)} for m, r in sorted(ratios.items())]
+
+
+def weighting(tables: dict[str, list[dict]], attacks: list[str]) -> dict[str, Any]:
+    """Does the MI part matter? Per standard probe, each weighting variant against the anchor: the attacks
+    where its mean ASR (and CA) is lower or higher beyond the larger std, tied, or on one seed each (no call).
+    ``keep`` names the variants that beat the anchor's ASR beyond the spread on more than half the attacks
+    compared, on every standard probe, and never cost CA beyond the spread; the rest are not kept."""
+    rows, keep = [], []
+    for d in WEIGHTINGS:
+        good = True
+        seen = False
+        for q in STANDARD:
+            if q not in tables:
+                continue
+            tally: dict[str, dict[str, list[str]]] = {k: {"lower": [], "tie": [], "higher": [], "nocall": []} for k in ("asr", "ca")}
+            for a in attacks:
+                m, r = _row(tables[q], a, ANCHOR), _row(tables[q], a, d)
+                if m is None or r is None:
+                    continue
+                for k in ("asr", "ca"):
+                    v = versus(r[k], m[k])
+                    tally[k]["nocall" if v["tie"] is None else "tie" if v["tie"] else "lower" if v["diff"] < 0 else "higher"].append(a)
+            n = sum(len(x) for x in tally["asr"].values())
+            if not n:
+                continue
+            seen = True
+            rows.append({"probe": q, "defence": d, "n": n, **tally})
+            good = good and len(tally["asr"]["lower"]) > n / 2 and not tally["ca"]["lower"]
+        if seen and good:
+            keep.append(d)
+    return {"rows": rows, "keep": keep}
+
+
 def zscore_gaps(tables: dict[str, list[dict]]) -> list[dict]:
     """Rows where a z-scored probe's mean ASR differs from its standard probe's by more than Z_GAP."""
     out = []
@@ -293,6 +339,7 @@ def collect(root: Path = HERE) -> dict[str, Any]:
         "verdicts": {q: verdicts(tables[q], attacks) for q in probes},
         "teachers": {q: teachers(tables[q], attacks) for q in probes if q in STANDARD},
         "losses": {q: losses(tables[q], attacks) for q in probes if q in STANDARD},
+        "weighting": weighting(tables, attacks), "mi_spans": mi_spans(root),
         "asr_works": ASR_WORKS, "ca_kept": CA_KEPT, "survives": SURVIVES, "anchor": ANCHOR, "zgaps": zscore_gaps(tables), "z_gap": Z_GAP,
         "not_run": not_run(idx, values), "n_evaluations": len(idx), "n_run": len(values),
         "unknown": m["unknown"], "bad": m["bad"], "stale": cells_stale(root), "targets": targets,

@@ -38,6 +38,7 @@ class Defence:
     sets: tuple[str, ...] = ()
     mi: str = ""    # distill: which MI stage's weights ("" = the cell's, "softmax" = the sharper mapping's)
     only: tuple[str, ...] = ()  # attacks it runs on (empty: all)
+    trigger: str = "attack"  # unlearn: the attack's own trigger (an oracle) or the scan's inverted one ("scan")
 
 
 ATTACKS: dict[str, Attack] = {
@@ -63,6 +64,7 @@ DEFENCES: dict[str, Defence] = {
     "uniform": Defence("distill", "MIMIC, uniform stage weights", ("distill.weights=uniform",)),
     "sharp": Defence("distill", "MIMIC, sharper MI weights (softmax mapping)", mi="softmax"),
     "unlearn": Defence("unlearn", "unlearning with the attack's trigger (oracle)"),
+    "unlearn-scan": Defence("unlearn", "unlearning with the scan's inverted trigger (no oracle)", trigger="scan"),
     "fineprune": Defence("prune", "fine-pruning on D"),
     "clp": Defence("prune", "CLP (data-free pruning)", ("prune.method=clp",)),
     "noclone": Defence("distill", "MIMIC without the clone term (a defender's change)", ("distill.clone=false",),
@@ -86,8 +88,8 @@ def cell(attack: str, seed: int) -> str:
 
 def cells(attacks=ATTACKS, defences=DEFENCES, seeds=SEEDS) -> dict:
     """The foreach items of dvc.yaml (``X_cells`` for stage X), keyed by stage instance name."""
-    out: dict[str, dict] = {k: {} for k in ("seed_cells", "attack_cells", "mi_cells", "distill_cells", "unlearn_cells",
-                                           "prune_cells", "evaluate_cells")}
+    out: dict[str, dict] = {k: {} for k in ("seed_cells", "attack_cells", "mi_cells", "distill_cells", "scan_cells",
+                                           "unlearn_cells", "prune_cells", "evaluate_cells")}
     for s in seeds:
         out["seed_cells"][f"s{s}"] = {"seed": s}
     for a, spec in attacks.items():
@@ -107,6 +109,12 @@ def cells(attacks=ATTACKS, defences=DEFENCES, seeds=SEEDS) -> dict:
                 if d.kind == "distill":
                     out["distill_cells"][key] = {**item, "mi": f"{c}-{d.mi}" if d.mi else c}
                     path = f"distill/{key}/student.pt"
+                elif d.kind == "unlearn":
+                    if d.trigger == "scan":
+                        out["scan_cells"][c] = {"cell": c, "seed": s}
+                    out["unlearn_cells"][key] = {**item, "trigger": f"scan/{c}/trigger.npz" if d.trigger == "scan"
+                                                 else f"models/{c}/trigger.npz"}
+                    path = f"models/{key}/encoder.pt"
                 else:
                     out[f"{d.kind}_cells"][key] = item
                     path = f"models/{key}/encoder.pt"
