@@ -196,6 +196,17 @@ def test_stray_and_broken_metrics_files_and_stale_cells_are_reported(tmp_path):
 
 
 # (attack, defence): {seed: (linear CA, linear ASR)} for the attack check and the losses of MIMIC
+def seed_scenario(root: Path, data: dict) -> None:
+    """A scenario folder at ``root``: the zoo's params and cells, and one metrics file per (attack, defence, seed) of ``data``."""
+    for name in ("params.yaml", "profile.yaml", "cells.yaml"):
+        shutil.copyfile(ZOO / name, root / name)
+    (root / "metrics").mkdir()
+    for (a, d), by_seed in data.items():
+        for s, (ca, asr) in by_seed.items():
+            k = key(a, d, s)
+            (root / "metrics" / f"{k}.json").write_text(json.dumps({"encoders": {k: probes(a, d, ca, asr)}, "target_class": 9}))
+
+
 LOSS_DATA = {
     ("badencoder", "clean"): {0: (41.0, 10.0), 1: (42.0, 11.0), 2: (40.0, 9.0)},
     ("badencoder", "teacher"): {0: (40.0, 99.0), 1: (41.0, 98.0), 2: (40.0, 99.5)},   # works: ASR 98.8, CA -0.7
@@ -212,14 +223,7 @@ LOSS_DATA = {
 
 
 def test_the_page_says_which_attacks_worked_and_where_mimic_loses(tmp_path):
-    for name in ("params.yaml", "profile.yaml", "cells.yaml"):
-        shutil.copyfile(ZOO / name, tmp_path / name)
-    (tmp_path / "metrics").mkdir()
-    for (a, d), by_seed in LOSS_DATA.items():
-        for s, (ca, asr) in by_seed.items():
-            k = key(a, d, s)
-            (tmp_path / "metrics" / f"{k}.json").write_text(json.dumps({"encoders": {k: probes(a, d, ca, asr)},
-                                                                         "target_class": 9}))
+    seed_scenario(tmp_path, LOSS_DATA)
     page, _ = write(tmp_path)
     worked = section(section(page, "## Did the attacks work?"), "### `linear`")
     line = {ln.split("`")[1]: ln for ln in worked.splitlines() if ln.startswith("- `")}
@@ -252,14 +256,7 @@ SHARP_DATA = {
 
 
 def test_a_sharper_mapping_is_kept_only_when_it_beats_mimic_on_most_attacks(tmp_path):
-    for name in ("params.yaml", "profile.yaml", "cells.yaml"):
-        shutil.copyfile(ZOO / name, tmp_path / name)
-    (tmp_path / "metrics").mkdir()
-    for (a, d), by_seed in SHARP_DATA.items():
-        for s, (ca, asr) in by_seed.items():
-            k = key(a, d, s)
-            (tmp_path / "metrics" / f"{k}.json").write_text(json.dumps({"encoders": {k: probes(a, d, ca, asr)},
-                                                                         "target_class": 9}))
+    seed_scenario(tmp_path, SHARP_DATA)
     for name, mapping, w in (("badencoder-s0", "share", [3000, 3300, 3600]), ("drupe-s0", "share", [3000, 3000, 3450]),
                              ("badencoder-s0-softmax", "softmax", [1000, 2000, 8000])):
         (tmp_path / "mi" / name).mkdir(parents=True)
